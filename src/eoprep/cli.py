@@ -1,0 +1,218 @@
+"""Command line: parses arguments and calls the library; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from eoprep import __version__
+from eoprep.config import EMBEDDED, PipelineSpec, load_spec
+from eoprep.errors import EoprepError
+
+__all__ = ["main"]
+
+DEMO_SPEC = Path(__file__).parent / "demo" / "demo.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eoprep", description="Earth-observation archives to training-ready chips.")
+    parser.add_argument("--version", action="version", version=f"eoprep {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a pipeline spec")
+    run.add_argument("spec", type=Path)
+    _cluster_args(run)
+    run.add_argument("--catalog", help="STAC API URL to use instead of the spec's source.url")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    demo = sub.add_parser("demo", help="generate the demo archive, serve it and run the demo pipeline on it")
+    demo.add_argument("--output", default="out/demo", help="output directory (default: out/demo)")
+    _cluster_args(demo)
+
+    serve = sub.add_parser("serve-catalog", help="serve the demo archive from a local STAC API until Ctrl-C")
+    serve.add_argument("--port", type=int, default=None)
+
+    inspect = sub.add_parser("inspect", help="show the chips and runs of an output directory")
+    inspect.add_argument("output", type=Path)
+    inspect.add_argument("--chip", help="show where one chip's pixels came from")
+    return parser
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: start a LocalCluster)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes of the LocalCluster")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True, highlight=False)
+    try:
+        return _COMMANDS[args.command](args, console)
+    except EoprepError as exc:
+        if args.debug:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+def _say(console: Console) -> Callable[[str], None]:
+    return lambda msg: console.print(msg, soft_wrap=True)
+
+
+def _run_spec(spec: PipelineSpec, args: argparse.Namespace, console: Console, catalog: str | None) -> int:
+    from eoprep.pipeline import run_pipeline
+    from eoprep.runtime import dask_client
+
+    say = _say(console)
+    with dask_client(scheduler=args.scheduler, workers=args.workers, say=say) as client:
+        with Progress(
+            TextColumn("chips"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
+            task = bar.add_task("chips", total=None)
+            summary = run_pipeline(
+                spec,
+                client=client,
+                catalog_url=catalog,
+                say=lambda m: bar.console.print(m, soft_wrap=True),
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    if getattr(args, "json", False):
+        print(json.dumps(summary.to_dict(), default=str))
+    else:
+        _print_summary(console, summary)
+    return 0
+
+
+def _print_summary(console: Console, summary: object) -> None:
+    from eoprep.pipeline import RunSummary
+
+    assert isinstance(summary, RunSummary)
+    table = Table(title=f"run {summary.run_id}", show_header=False)
+    table.add_row("output", summary.output)
+    table.add_row("chips written", str(summary.chips_written))
+    table.add_row("chips already present", str(summary.chips_present))
+    table.add_row("chips skipped", str(len(summary.skipped)))
+    table.add_row("bytes written", f"{summary.bytes_written / 1e6:.1f} MB")
+    table.add_row("time", f"{summary.seconds:.1f} s ({summary.mb_per_s:.1f} MB/s stored)")
+    console.print(table)
+    for chip, reason in summary.skipped:
+        console.print(f"  skipped {chip}: {reason}", soft_wrap=True)
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    spec = load_spec(args.spec)
+    if args.catalog or spec.source.url != EMBEDDED:
+        return _run_spec(spec, args, console, args.catalog)
+    from eoprep.embedded import embedded_catalog
+
+    with embedded_catalog(say=_say(console)) as url:
+        return _run_spec(spec, args, console, url)
+
+
+def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    import yaml
+
+    from eoprep.config import parse_spec
+    from eoprep.embedded import embedded_catalog
+
+    data = yaml.safe_load(DEMO_SPEC.read_text())
+    data["output"]["path"] = args.output
+    spec = parse_spec(data, origin=str(DEMO_SPEC))
+    with embedded_catalog(say=_say(console)) as url:
+        code = _run_spec(spec, args, console, url)
+    console.print(f"open it with: xarray.open_zarr('{Path(args.output) / 'chips.zarr'}', group='s2')")
+    return code
+
+
+def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from eoprep.embedded import embedded_catalog
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with embedded_catalog(port=args.port, say=_say(console)) as url:
+        console.print(f"serving {url} — Ctrl-C to stop")
+        print(url, flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    console.print("stopped")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    from eoprep.sinks import INDEX_FILE, read_index
+
+    out = args.output
+    if not (out / INDEX_FILE).exists():
+        raise EoprepError(f"{out}: not an eoprep output (no {INDEX_FILE})")
+    index = read_index(out)
+    if args.chip:
+        rows = index[index["id"] == args.chip]
+        if rows.empty:
+            raise EoprepError(f"--chip: {args.chip} is not in {out / INDEX_FILE}")
+        for _, row in rows.iterrows():
+            console.print(
+                f"{row['id']} [{row['collection']}] index {row['index']} · {row['n_scenes']} scenes · "
+                f"valid {row['valid_fraction']:.2f} · items {row['item_ids']}",
+                soft_wrap=True,
+            )
+        return 0
+    table = Table(title=f"{out}: {index['id'].nunique()} chips")
+    for col in ("collection", "chips", "scenes", "valid", "cloud"):
+        table.add_column(col)
+    for key, rows in index.groupby("collection"):
+        table.add_row(
+            str(key),
+            str(len(rows)),
+            str(int(rows["n_scenes"].sum())),
+            f"{rows['valid_fraction'].mean():.2f}",
+            f"{rows['cloud_fraction'].mean():.2f}",
+        )
+    console.print(table)
+    runs = sorted((out / "runs").glob("*.json"))
+    for path in runs:
+        run = json.loads(path.read_text())["summary"]
+        console.print(
+            f"run {run['run_id']}: {run['chips_written']} written, {len(run['skipped'])} skipped, "
+            f"{run['bytes_written'] / 1e6:.1f} MB in {run['seconds']:.1f} s"
+        )
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
+    "run": _cmd_run,
+    "demo": _cmd_demo,
+    "serve-catalog": _cmd_serve,
+    "inspect": _cmd_inspect,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Side files of an output: the GeoParquet chip index, the STAC catalog of the chips, run manifests.
+
+All of them are derived from the Zarr store's coordinates (the one source of truth) and replaced
+atomically (write to a temporary name, then rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+import xarray as xr
+import zarr
+
+from eoprep import __version__
+
+__all__ = ["INDEX_FILE", "STAC_DIR", "read_index", "write_index", "write_manifest", "write_stac"]
+
+INDEX_FILE = "index.parquet"
+STAC_DIR = "stac"
+RUNS_DIR = "runs"
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _atomic_json(path: Path, doc: Any) -> None:
+    _atomic(path, lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
+
+
+def _texts(var: xr.DataArray) -> list[str]:
+    return [str(v) for v in var.values]
+
+
+def _as_utc(values: np.ndarray) -> pd.DatetimeIndex:
+    return pd.DatetimeIndex(values).tz_localize("UTC")
+
+
+def chip_table(store_url: str) -> gpd.GeoDataFrame:
+    """One row per written chip and collection, read from the store's coordinates."""
+    root = zarr.open_group(store_url, mode="r", zarr_format=3)
+    frames = []
+    for key in sorted(root.group_keys()):
+        ds = xr.open_zarr(store_url, group=key, zarr_format=3, consolidated=False).drop_vars("pixels")
+        ds = ds.isel(chip=np.flatnonzero(ds["written"].values)).load()
+        if ds.sizes["chip"] == 0:
+            continue
+        frame = pd.DataFrame(
+            {
+                "id": _texts(ds["chip"]),
+                "collection": key,
+                "stac_collection": str(root[f"{key}/pixels"].attrs.get("collection", key)),
+                "index": np.flatnonzero(root[f"{key}/written"][:]),
+                "cell": _texts(ds["cell"]),
+                "crs": _texts(ds["crs"]),
+                "start_datetime": _as_utc(ds["window_start"].values),
+                "end_datetime": _as_utc(ds["window_end"].values),
+                "n_scenes": (~np.isnat(ds["datetime"].values)).sum(axis=1).astype("int32"),
+                "valid_fraction": ds["valid_fraction"].values,
+                "cloud_fraction": ds["cloud_fraction"].values,
+                "item_ids": _texts(ds["item_ids"]),
+            }
+        )
+        frame["geometry"] = shapely.from_wkt(_texts(ds["footprint"]))
+        frames.append(frame)
+    if not frames:
+        return gpd.GeoDataFrame({"id": [], "geometry": []}, geometry="geometry", crs="EPSG:4326")
+    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs="EPSG:4326")
+
+
+def write_index(out_dir: Path, store_url: str) -> gpd.GeoDataFrame:
+    """Rewrite ``index.parquet`` (GeoParquet) from the store."""
+    table = chip_table(store_url)
+    _atomic(out_dir / INDEX_FILE, lambda p: table.to_parquet(p, index=False))
+    return table
+
+
+def read_index(out_dir: Path) -> gpd.GeoDataFrame:
+    """The chip index of an output directory."""
+    return gpd.read_parquet(out_dir / INDEX_FILE)
+
+
+def write_stac(out_dir: Path, table: gpd.GeoDataFrame, *, name: str, spec_hash: str) -> Path:
+    """A static STAC collection with one item per chip, whose assets point into the Zarr groups."""
+    stac_dir = out_dir / STAC_DIR
+    items_dir = stac_dir / "items"
+    ids = []
+    for chip, rows in table.groupby("id", sort=True):
+        first = rows.iloc[0]
+        geom = first.geometry
+        assets = {
+            row.collection: {
+                "href": f"../../chips.zarr/{row.collection}",
+                "type": "application/vnd+zarr",
+                "roles": ["data"],
+                "title": f"{row.stac_collection} pixels (chip index {row['index']})",
+                "eoprep:index": int(row["index"]),
+                "eoprep:n_scenes": int(row.n_scenes),
+                "eoprep:valid_fraction": _num(row.valid_fraction),
+                "eoprep:cloud_fraction": _num(row.cloud_fraction),
+            }
+            for _, row in rows.iterrows()
+        }
+        item = {
+            "type": "Feature",
+            "stac_version": "1.1.0",
+            "stac_extensions": ["https://stac-extensions.github.io/projection/v2.0.0/schema.json"],
+            "id": str(chip),
+            "collection": name,
+            "geometry": shapely.geometry.mapping(geom),
+            "bbox": list(geom.bounds),
+            "properties": {
+                "datetime": None,
+                "start_datetime": first.start_datetime.isoformat(),
+                "end_datetime": first.end_datetime.isoformat(),
+                "proj:code": first.crs,
+                "eoprep:cell": first.cell,
+                "eoprep:spec_hash": spec_hash,
+            },
+            "links": [{"rel": "collection", "href": "../collection.json", "type": "application/json"}],
+            "assets": assets,
+        }
+        _atomic_json(items_dir / f"{chip}.json", item)
+        ids.append(str(chip))
+    bounds = table.total_bounds.tolist() if len(table) else [-180.0, -90.0, 180.0, 90.0]
+    interval = (
+        [table.start_datetime.min().isoformat(), table.end_datetime.max().isoformat()] if len(table) else [None, None]
+    )
+    collection = {
+        "type": "Collection",
+        "stac_version": "1.1.0",
+        "id": name,
+        "title": f"eoprep chips: {name}",
+        "description": "Training chips on the eoprep global grid, stored in chips.zarr (one group per source "
+        "collection) and indexed in index.parquet.",
+        "license": "other",
+        "extent": {"spatial": {"bbox": [bounds]}, "temporal": {"interval": [interval]}},
+        "assets": {
+            "zarr": {"href": "../chips.zarr", "type": "application/vnd+zarr", "roles": ["data"]},
+            "index": {"href": f"../{INDEX_FILE}", "type": "application/vnd.apache.parquet", "roles": ["metadata"]},
+        },
+        "links": [{"rel": "item", "href": f"./items/{i}.json", "type": "application/geo+json"} for i in ids],
+        "eoprep:version": __version__,
+    }
+    path = stac_dir / "collection.json"
+    _atomic_json(path, collection)
+    return path
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def write_manifest(out_dir: Path, run_id: str, manifest: dict[str, Any]) -> Path:
+    """Record a run (spec, versions, inputs, outcomes, timings) under ``runs/``."""
+    path = out_dir / RUNS_DIR / f"{run_id}.json"
+    _atomic_json(path, manifest)
+    return path

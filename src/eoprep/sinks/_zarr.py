@@ -1,0 +1,260 @@
+"""Zarr v3 chip store: one group per collection, one inner chunk per chip, shards of many chips.
+
+Layout of group ``<key>`` (plain xarray/zarr can read it, no eoprep needed unless a custom codec is used)::
+
+    pixels        (chip, time, band, y, x)   raw values, nodata as fill value
+    chip          (chip)                     chip id "<cell>_<YYYYMMDD>-<YYYYMMDD>"
+    cell, crs, footprint, item_ids (chip)    strings; footprint is lon/lat WKT
+    transform     (chip, affine)             GDAL geotransform of the chip in its CRS
+    easting       (chip, x), northing (chip, y)   pixel-centre coordinates
+    datetime      (chip, time)               acquisition (or period start), NaT where padded
+    window_start, window_end (chip)
+    written, valid_fraction, cloud_fraction (chip)   filled in when a chip's shard is written
+    band, scale, offset (band)               STAC asset keys and their raster:bands scale/offset
+
+Workers write whole shards (a shard-aligned slice of chips) in one assignment; zarr's local store
+writes each object through a temporary file and a rename, so a shard is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+from zarr.codecs import ZstdCodec
+
+from eoprep import __version__
+from eoprep.chips import ChipPlan, ChipResult, CollectionLayout
+from eoprep.config import PipelineSpec
+from eoprep.errors import EoprepError
+
+__all__ = ["CHIPS_STORE", "ChipStore"]
+
+CHIPS_STORE = "chips.zarr"
+_TIME_ENCODING = {"units": "microseconds since 1970-01-01", "dtype": "int64"}
+
+
+def _strings(values: Sequence[str]) -> np.ndarray:
+    """Variable-length strings: the one string type with a stable Zarr v3 representation in zarr-python."""
+    return np.array(list(values), dtype=object)
+
+
+def _naive_utc(ts: pd.Timestamp) -> np.datetime64:
+    return np.datetime64(ts.tz_convert("UTC").tz_localize(None) if ts.tzinfo else ts, "ns")
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Consecutive chip positions inside one shard: the unit of work and of atomic writes."""
+
+    start: int
+    plans: tuple[ChipPlan, ...]
+
+
+class ChipStore:
+    """The Zarr side of an output directory: create, extend, write shards, record results."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _root(self, mode: str = "r") -> zarr.Group:
+        return zarr.open_group(self.url, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+
+    def exists(self) -> bool:
+        try:
+            self._root()
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return False
+        return True
+
+    def chip_ids(self, key: str) -> list[str]:
+        """Chip ids already allocated in a group, in position order."""
+        root = self._root()
+        if key not in root:
+            return []
+        return [str(v) for v in root[f"{key}/chip"][:]]
+
+    def check_compatible(self, spec: PipelineSpec, layouts: dict[str, CollectionLayout]) -> None:
+        """Refuse to extend an output made with another grid or chip layout: mixing them corrupts it."""
+        attrs = dict(self._root().attrs)
+        grid = attrs.get("eoprep:grid", {})
+        if grid and (grid.get("cell_size"), grid.get("pixel_size")) != (spec.grid.cell_size, spec.grid.pixel_size):
+            raise EoprepError(
+                f"output.path: {self.url} was written with grid {grid}; this spec uses "
+                f"cell_size={spec.grid.cell_size}, pixel_size={spec.grid.pixel_size}. Use a new output path."
+            )
+        root = self._root()
+        for key, layout in layouts.items():
+            if key not in root:
+                continue
+            arr = root[f"{key}/pixels"]
+            bands = [str(b) for b in root[f"{key}/band"][:]]
+            if bands != list(layout.bands) or arr.shape[1] != layout.n_time or arr.dtype != np.dtype(layout.dtype):
+                raise EoprepError(
+                    f"output.path: group {key!r} of {self.url} has bands {bands}, {arr.shape[1]} time steps and "
+                    f"dtype {arr.dtype}; this spec asks for {list(layout.bands)}, {layout.n_time}, {layout.dtype}. "
+                    "Use a new output path."
+                )
+
+    def allocate(
+        self,
+        spec: PipelineSpec,
+        layouts: dict[str, CollectionLayout],
+        plans: Sequence[ChipPlan],
+        codecs: dict[str, dict[str, Any]] | None = None,
+    ) -> list[ShardSlice]:
+        """Append the planned chips to every group (metadata only) and cut them into shard slices.
+
+        Chips are appended after the existing ones, so earlier full shards are never rewritten;
+        only a trailing, partly filled shard is completed.
+        """
+        existing = self.chip_ids(next(iter(layouts))) if self.exists() else []
+        n0 = len(existing)
+        for key, layout in layouts.items():
+            ds = _metadata_dataset(plans, layout)
+            if n0 == 0:
+                root_attrs = {
+                    "eoprep:version": __version__,
+                    "eoprep:grid": {"cell_size": spec.grid.cell_size, "pixel_size": spec.grid.pixel_size},
+                    "eoprep:spec_name": spec.name,
+                }
+                zarr.open_group(self.url, mode="a", zarr_format=3, attributes=root_attrs)  # type: ignore[arg-type]
+                encoding = _encoding(layout, plans[0].grid.size, spec.output.chips_per_shard, (codecs or {}).get(key))
+                ds.to_zarr(
+                    self.url,
+                    group=key,
+                    mode="w-",
+                    compute=False,
+                    zarr_format=3,
+                    consolidated=False,
+                    encoding=encoding,
+                    safe_chunks=False,
+                )
+            else:
+                ds = ds.drop_vars(["band", "scale", "offset"])
+                ds.to_zarr(
+                    self.url,
+                    group=key,
+                    mode="a",
+                    append_dim="chip",
+                    compute=False,
+                    consolidated=False,
+                    safe_chunks=False,
+                )
+        per_shard = spec.output.chips_per_shard
+        slices: list[ShardSlice] = []
+        pos = n0
+        remaining = list(plans)
+        while remaining:
+            take = per_shard - pos % per_shard
+            slices.append(ShardSlice(pos, tuple(remaining[:take])))
+            pos += len(remaining[:take])
+            remaining = remaining[take:]
+        return slices
+
+    def write_slice(self, key: str, start: int, data: np.ndarray) -> None:
+        """Write consecutive chips of one group; called on workers, one shard at a time."""
+        arr = zarr.open_array(self.url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
+        arr[start : start + data.shape[0]] = data
+
+    def record(
+        self, layouts: dict[str, CollectionLayout], positions: dict[str, int], results: Sequence[ChipResult]
+    ) -> None:
+        """Store per-chip outcomes (written, valid and cloud fraction) in every group."""
+        root = self._root("r+")
+        for key in layouts:
+            written = root[f"{key}/written"]
+            valid = root[f"{key}/valid_fraction"]
+            cloud = root[f"{key}/cloud_fraction"]
+            w, v, c = written[:], valid[:], cloud[:]
+            for res in results:
+                i = positions[res.id]
+                w[i] = res.written
+                v[i] = res.valid_fraction.get(key, np.nan)
+                c[i] = res.cloud_fraction.get(key, np.nan)
+            written[:], valid[:], cloud[:] = w, v, c
+
+    def consolidate(self) -> None:
+        """Refresh consolidated metadata so `xr.open_zarr` opens the store in one read."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self.url)
+
+    def bytes_stored(self) -> int:
+        """Bytes of all pixel arrays as stored (after compression)."""
+        if not self.exists():
+            return 0
+        root = self._root()
+        return sum(int(root[f"{k}/pixels"].nbytes_stored()) for k in root.group_keys())
+
+    def open(self, key: str) -> xr.Dataset:
+        """The group as a lazy xarray Dataset."""
+        return xr.open_zarr(self.url, group=key, zarr_format=3)
+
+
+def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[str, Any] | None) -> dict[str, Any]:
+    inner = (1, layout.n_time, len(layout.bands), size, size)
+    pixels: dict[str, Any] = {
+        "fill_value": np.dtype(layout.dtype).type(layout.nodata),
+        "chunks": inner,
+        "shards": (per_shard, *inner[1:]),
+    }
+    pixels.update(codec if codec is not None else {"compressors": [ZstdCodec(level=3)]})
+    return {
+        "pixels": pixels,
+        "datetime": dict(_TIME_ENCODING),
+        "window_start": dict(_TIME_ENCODING),
+        "window_end": dict(_TIME_ENCODING),
+    }
+
+
+def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:
+    """Coordinates of the planned chips, with a lazy (never computed) pixel variable to shape the array."""
+    import dask.array as da
+
+    n, size = len(plans), plans[0].grid.size
+    times = np.full((n, layout.n_time), np.datetime64("NaT"), dtype="datetime64[ns]")
+    for i, plan in enumerate(plans):
+        for t, slot in enumerate(plan.slots.get(layout.key, [])):
+            times[i, t] = _naive_utc(slot.time)
+    offsets = np.arange(size) + 0.5
+    shape = (n, layout.n_time, len(layout.bands), size, size)
+    pixels = da.zeros(shape, dtype=layout.dtype, chunks=(1, *shape[1:]))
+    attrs = {
+        "collection": layout.collection,
+        "nodata": layout.nodata,
+        "resampling": json.dumps(layout.resampling),
+        "long_name": f"{layout.collection} pixels on the eoprep chip grid",
+    }
+    return xr.Dataset(
+        {"pixels": (("chip", "time", "band", "y", "x"), pixels, attrs)},
+        coords={
+            "chip": ("chip", _strings([p.id for p in plans])),
+            "cell": ("chip", _strings([p.cell for p in plans])),
+            "crs": ("chip", _strings([p.grid.crs for p in plans])),
+            "footprint": ("chip", _strings([p.footprint_wkt for p in plans])),
+            "item_ids": ("chip", _strings([json.dumps(p.item_ids(layout.key)) for p in plans])),
+            "transform": (
+                ("chip", "affine"),
+                np.array([[p.grid.x0, p.grid.pixel_size, 0.0, p.grid.y0, 0.0, -p.grid.pixel_size] for p in plans]),
+            ),
+            "easting": (("chip", "x"), np.array([p.grid.x0 + offsets * p.grid.pixel_size for p in plans])),
+            "northing": (("chip", "y"), np.array([p.grid.y0 - offsets * p.grid.pixel_size for p in plans])),
+            "datetime": (("chip", "time"), times),
+            "window_start": ("chip", np.array([_naive_utc(p.start) for p in plans])),
+            "window_end": ("chip", np.array([_naive_utc(p.end) for p in plans])),
+            "written": ("chip", np.zeros(n, dtype=bool)),
+            "valid_fraction": ("chip", np.full(n, np.nan, dtype=np.float32)),
+            "cloud_fraction": ("chip", np.full(n, np.nan, dtype=np.float32)),
+            "band": ("band", _strings(layout.bands)),
+            "scale": ("band", np.array(layout.scale)),
+            "offset": ("band", np.array(layout.offset)),
+        },
+    )

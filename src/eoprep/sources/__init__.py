@@ -1,0 +1,8 @@
+"""Sources: where items come from (STAC APIs) and how their pixels are read onto a chip grid."""
+
+from __future__ import annotations
+
+from eoprep.sources._loaders import ChipGrid, read_items
+from eoprep.sources._stac import aoi_geometry, search_items
+
+__all__ = ["ChipGrid", "aoi_geometry", "read_items", "search_items"]

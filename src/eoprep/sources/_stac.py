@@ -1,0 +1,149 @@
+"""STAC API source: the search that turns a spec's source section into items per collection."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pystac
+import requests
+import shapely
+from pyproj import CRS, Transformer
+from pystac_client import Client
+from pystac_client.exceptions import APIError
+from shapely.geometry import box, shape
+from shapely.ops import transform as shapely_transform
+
+from eoprep.config import AoiSpec, SourceSpec
+from eoprep.errors import EoprepError
+
+__all__ = ["aoi_geometry", "search_items"]
+
+
+def aoi_geometry(aoi: AoiSpec) -> shapely.Geometry:
+    """The AOI as a lon/lat geometry, whatever CRS the spec gave it in."""
+    if aoi.bbox is not None:
+        geom, where = box(*aoi.bbox), "source.aoi.bbox"
+    else:
+        assert aoi.geojson is not None
+        geom, where = _read_geojson(aoi), f"source.aoi.geojson ({aoi.geojson})"
+    crs = _parse_crs(aoi.crs)
+    if not crs.equals(CRS.from_epsg(4326), ignore_axis_order=True):
+        to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        geom = shapely_transform(to_lonlat.transform, geom)
+    west, south, east, north = geom.bounds
+    if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
+        raise EoprepError(
+            f"{where}: coordinates {[round(v, 3) for v in geom.bounds]} are not lon/lat degrees; "
+            f"give EPSG:4326 values or set source.aoi.crs to the CRS they are in"
+        )
+    if geom.is_empty or geom.area == 0:
+        raise EoprepError(f"{where}: the area of interest is empty")
+    return geom
+
+
+def _parse_crs(text: str) -> CRS:
+    try:
+        return CRS.from_user_input(text)
+    except Exception:
+        raise EoprepError(f"source.aoi.crs: {text!r} is not a CRS (use e.g. EPSG:4326 or EPSG:32632)") from None
+
+
+def _read_geojson(aoi: AoiSpec) -> shapely.Geometry:
+    path = aoi.geojson
+    assert path is not None
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise EoprepError(f"source.aoi.geojson: cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise EoprepError(f"source.aoi.geojson: {path} is not JSON ({exc.msg} at line {exc.lineno})") from None
+    kind = doc.get("type")
+    if kind == "FeatureCollection":
+        geoms = [shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
+    elif kind == "Feature":
+        geoms = [shape(doc["geometry"])]
+    else:
+        geoms = [shape(doc)]
+    if not geoms:
+        raise EoprepError(f"source.aoi.geojson: {path} holds no geometry")
+    return shapely.union_all(geoms)
+
+
+def _open_client(url: str, sign: str | None) -> Client:
+    modifier = None
+    if sign == "planetary-computer":
+        try:
+            import planetary_computer
+        except ImportError:
+            raise EoprepError(
+                "source.sign: 'planetary-computer' needs: pip install planetary-computer"
+            ) from None
+        modifier = planetary_computer.sign_inplace
+    try:
+        return Client.open(url, modifier=modifier, timeout=30)
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise EoprepError(f"source.url: cannot reach the STAC API at {url} ({type(exc).__name__})") from None
+    except APIError as exc:
+        raise EoprepError(f"source.url: {url} answered with an error: {str(exc).splitlines()[0][:200]}") from None
+    except (json.JSONDecodeError, pystac.STACError, KeyError) as exc:
+        raise EoprepError(f"source.url: {url} is not a STAC API landing page ({exc})") from None
+
+
+def search_items(
+    source: SourceSpec, *, url: str | None = None, aoi: shapely.Geometry | None = None
+) -> dict[str, list[pystac.Item]]:
+    """Run the spec's search once per collection; every band must be an asset of the items found.
+
+    Parameters
+    ----------
+    source
+        The validated source section of a pipeline spec.
+    url
+        The API root to use instead of ``source.url`` (the embedded catalog's address).
+    aoi
+        The AOI in lon/lat, if already computed.
+    """
+    api = url or source.url
+    geom = aoi if aoi is not None else aoi_geometry(source.aoi)
+    client = _open_client(api, source.sign)
+    start, end = source.time_range
+    found: dict[str, list[pystac.Item]] = {}
+    for i, coll in enumerate(source.collections):
+        kwargs: dict[str, Any] = {
+            "collections": [coll.id],
+            "intersects": shapely.geometry.mapping(geom),
+            "datetime": [start.to_pydatetime(), end.to_pydatetime()],
+            "max_items": source.max_items,
+            "limit": 250,
+        }
+        if source.query:
+            kwargs["query"] = source.query
+        if source.filter:
+            kwargs["filter"] = source.filter
+            kwargs["filter_lang"] = source.filter_lang
+        try:
+            items = list(client.search(**kwargs).items())
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise EoprepError(f"source.url: lost the STAC API at {api} during search ({type(exc).__name__})") from None
+        except APIError as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise EoprepError(f"source.collections[{i}] ({coll.id}): search failed at {api}: {first}") from None
+        if not items:
+            raise EoprepError(
+                f"source: the search of collection {coll.id!r} at {api} found no items for "
+                f"bbox {[round(v, 4) for v in geom.bounds]} and datetime {source.datetime}"
+            )
+        _check_bands(items, coll.bands, f"source.collections[{i}].bands", coll.id)
+        found[coll.key] = sorted(items, key=lambda it: (it.datetime, it.id))
+    return found
+
+
+def _check_bands(items: list[pystac.Item], bands: list[str], where: str, collection: str) -> None:
+    available: set[str] = set().union(*(item.assets for item in items))
+    missing = [b for b in bands if b not in available]
+    if missing:
+        raise EoprepError(
+            f"{where}: {missing} not among the assets of collection {collection!r} "
+            f"(available: {', '.join(sorted(available))})"
+        )
