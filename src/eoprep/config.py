@@ -10,7 +10,15 @@ from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from eoprep.errors import SpecError
 
@@ -58,23 +66,29 @@ class CollectionSpec(_Model):
 class AoiSpec(_Model):
     """Area of interest: a bbox or a GeoJSON file, in lon/lat unless `crs` says otherwise."""
 
+    crs: str = "EPSG:4326"
     bbox: tuple[float, float, float, float] | None = None
     geojson: Path | None = None
-    crs: str = "EPSG:4326"
+
+    @field_validator("bbox")
+    @classmethod
+    def _lon_lat(cls, bbox: tuple[float, float, float, float] | None, info: ValidationInfo) -> Any:
+        if bbox is None or str(info.data.get("crs", "")).upper() not in ("EPSG:4326", "OGC:CRS84"):
+            return bbox
+        w, s, e, n = bbox
+        if not (-180 <= w <= 180 and -180 <= e <= 180 and -90 <= s <= 90 and -90 <= n <= 90):
+            raise ValueError(
+                f"bbox {list(bbox)} is not lon/lat degrees; give EPSG:4326 values "
+                "or set source.aoi.crs to the bbox's CRS (e.g. crs: EPSG:32632)"
+            )
+        if s >= n:
+            raise ValueError(f"bbox {list(bbox)} has south >= north")
+        return bbox
 
     @model_validator(mode="after")
     def _one_of(self) -> AoiSpec:
         if (self.bbox is None) == (self.geojson is None):
             raise ValueError("give exactly one of `bbox` or `geojson`")
-        if self.bbox is not None and self.crs.upper() in ("EPSG:4326", "OGC:CRS84"):
-            w, s, e, n = self.bbox
-            if not (-180 <= w <= 180 and -180 <= e <= 180 and -90 <= s <= 90 and -90 <= n <= 90):
-                raise ValueError(
-                    f"bbox {list(self.bbox)} is not lon/lat degrees; give EPSG:4326 values "
-                    "or set `crs` to the bbox's CRS (e.g. crs: EPSG:32632)"
-                )
-            if s >= n:
-                raise ValueError(f"bbox {list(self.bbox)} has south >= north")
         return self
 
 

@@ -65,7 +65,8 @@ class ChipStore:
         self.url = url
 
     def _root(self, mode: str = "r") -> zarr.Group:
-        return zarr.open_group(self.url, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        # Consolidated metadata is refreshed only at the end of a run; mid-run it is stale.
+        return zarr.open_group(self.url, mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
 
     def exists(self) -> bool:
         try:

@@ -85,9 +85,21 @@ def _open_client(url: str, sign: str | None) -> Client:
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise EoprepError(f"source.url: cannot reach the STAC API at {url} ({type(exc).__name__})") from None
     except APIError as exc:
+        if _unreachable(exc):
+            raise EoprepError(f"source.url: cannot reach the STAC API at {url} ({_cause(exc)})") from None
         raise EoprepError(f"source.url: {url} answered with an error: {str(exc).splitlines()[0][:200]}") from None
     except (json.JSONDecodeError, pystac.STACError, KeyError) as exc:
         raise EoprepError(f"source.url: {url} is not a STAC API landing page ({exc})") from None
+
+
+def _unreachable(exc: APIError) -> bool:
+    """pystac-client wraps connection failures in APIError; the requests error is its context."""
+    return isinstance(exc.__cause__ or exc.__context__, requests.ConnectionError | requests.Timeout)
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__ or exc
+    return type(inner).__name__
 
 
 def search_items(
@@ -127,6 +139,8 @@ def search_items(
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise EoprepError(f"source.url: lost the STAC API at {api} during search ({type(exc).__name__})") from None
         except APIError as exc:
+            if _unreachable(exc):
+                raise EoprepError(f"source.url: lost the STAC API at {api} during search ({_cause(exc)})") from None
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise EoprepError(f"source.collections[{i}] ({coll.id}): search failed at {api}: {first}") from None
         if not items:

@@ -1,0 +1,195 @@
+"""End to end on the real parts: pgstac STAC API → LocalCluster (processes) → Zarr v3 shards + index + STAC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+import zarr
+from rasterio.windows import from_bounds
+
+from conftest import BROKEN_COLLECTION, TEST_BBOX, make_spec
+from eoprep.demo import SENSOR_SHIFTS
+from eoprep.errors import EoprepError
+from eoprep.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo_run(stac_api, client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    spec = make_spec(out)
+    summary = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
+    return spec, summary, out
+
+
+def test_run_writes_every_chip_into_sharded_zarr(demo_run):
+    spec, summary, out = demo_run
+    assert summary.chips_written == summary.chips_planned > 1
+    assert not summary.skipped
+    ds = xr.open_zarr(out / "chips.zarr", group="s2")
+    assert ds["pixels"].dims == ("chip", "time", "band", "y", "x")
+    assert ds.sizes["y"] == ds.sizes["x"] == 128 and ds.sizes["time"] == 8
+    assert list(ds["band"].values) == ["B02", "B03", "B04", "B08", "B11", "B12", "SCL"]
+    assert ds["pixels"].dtype == np.uint16
+    assert bool(ds["written"].all())
+    arr = zarr.open_array(out / "chips.zarr", path="s2/pixels")
+    assert arr.chunks == (1, 8, 7, 128, 128) and arr.shards == (4, 8, 7, 128, 128)
+    assert (ds["datetime"].notnull().sum("time") == 8).all()
+    assert set(ds["crs"].values) == {"EPSG:32632"}
+    s1 = xr.open_zarr(out / "chips.zarr", group="s1")
+    assert s1["pixels"].dtype == np.float32 and list(s1["chip"].values) == list(ds["chip"].values)
+
+
+def test_chip_pixels_equal_the_source_cog_window(demo_run, demo_archive):
+    _, _, out = demo_run
+    ds = xr.open_zarr(out / "chips.zarr", group="s2").isel(chip=0)
+    first = next(i for i in demo_archive.items if i["collection"] == "demo-sentinel-2-l2a")
+    x0, _, _, y0, _, _ = ds["transform"].values
+    bounds = (x0, y0 - 1280, x0 + 1280, y0)
+    with rasterio.open(first["assets"]["B08"]["href"].removeprefix("file://")) as src:
+        expected = src.read(1, window=from_bounds(*bounds, transform=src.transform))
+    got = ds["pixels"].sel(band="B08").isel(time=0).values
+    np.testing.assert_array_equal(got, expected)
+    assert float(ds["easting"][0]) == x0 + 5.0 and float(ds["northing"][0]) == y0 - 5.0
+
+
+def test_index_and_stac_describe_the_written_chips(demo_run):
+    spec, summary, out = demo_run
+    index = gpd.read_parquet(out / "index.parquet")
+    assert set(index["collection"]) == {"s1", "s2"}
+    s2 = index[index["collection"] == "s2"]
+    assert len(s2) == summary.chips_written and s2["id"].is_unique
+    assert s2.crs.to_epsg() == 4326
+    assert s2.geometry.intersects(gpd.GeoSeries.from_xy([9.03], [45.417], crs=4326)[0]).any()
+    assert ((s2["valid_fraction"] > 0.5) & (s2["valid_fraction"] <= 1)).all()
+    assert ((s2["cloud_fraction"] > 0) & (s2["cloud_fraction"] < 1)).all()
+    collection = json.loads((out / "stac" / "collection.json").read_text())
+    items = sorted((out / "stac" / "items").glob("*.json"))
+    assert len(items) == summary.chips_written and len(collection["links"]) == len(items)
+    item = json.loads(items[0].read_text())
+    assert item["properties"]["proj:code"] == "EPSG:32632" and set(item["assets"]) == {"s1", "s2"}
+    manifest = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert manifest["spec_hash"] == spec.spec_hash() and manifest["summary"]["chips_written"] == summary.chips_written
+
+
+def test_cloud_fraction_follows_scl(demo_run):
+    _, _, out = demo_run
+    ds = xr.open_zarr(out / "chips.zarr", group="s2")
+    pixels = ds["pixels"].values
+    scl = pixels[:, :, list(ds["band"].values).index("SCL")]
+    valid = (pixels != 0).all(axis=2)
+    per_chip = [np.isin(scl[i], (8, 9, 10))[valid[i]].mean() for i in range(ds.sizes["chip"])]
+    np.testing.assert_allclose(ds["cloud_fraction"].values, per_chip, rtol=1e-5)
+    assert 0 < min(per_chip) < max(per_chip) < 1
+
+
+def test_rerun_writes_nothing_and_extension_appends_without_touching_full_shards(demo_run, stac_api, client):
+    spec, summary, out = demo_run
+    again = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
+    assert again.chips_written == 0 and again.chips_present == summary.chips_planned and again.bytes_written == 0
+
+    shard_dir = out / "chips.zarr" / "s2" / "pixels" / "c"
+    n0 = summary.chips_planned
+    full = [p for p in shard_dir.rglob("*") if p.is_file() and int(p.relative_to(shard_dir).parts[0]) < n0 // 4]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in full}
+    west, south, east, north = TEST_BBOX
+    wider = make_spec(out, source__aoi={"bbox": [west, south, east + 0.02, north]})
+    extended = run_pipeline(wider, client=client, catalog_url=stac_api, say=_quiet)
+    assert extended.chips_present == n0 and extended.chips_written > 0
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in full} == before
+    ds = xr.open_zarr(out / "chips.zarr", group="s2")
+    assert ds.sizes["chip"] == n0 + extended.chips_written and bool(ds["written"].all())
+    assert len(gpd.read_parquet(out / "index.parquet").query("collection == 's2'")) == ds.sizes["chip"]
+
+
+def test_odc_stac_and_stackstac_give_the_same_pixels(stac_api, client, tmp_path):
+    a = run_pipeline(make_spec(tmp_path / "odc"), client=client, catalog_url=stac_api, say=_quiet)
+    b = run_pipeline(make_spec(tmp_path / "ss", loader__engine="stackstac"), client=client, catalog_url=stac_api,
+                     say=_quiet)
+    assert a.chips_written == b.chips_written > 0
+    for group in ("s2", "s1"):
+        x = xr.open_zarr(tmp_path / "odc" / "chips.zarr", group=group)["pixels"].values
+        y = xr.open_zarr(tmp_path / "ss" / "chips.zarr", group=group)["pixels"].values
+        np.testing.assert_array_equal(x, y)
+
+
+def test_composite_mode_takes_the_median_of_clear_pixels(stac_api, client, tmp_path):
+    spec = make_spec(tmp_path / "out", time__mode="composite", time__period="MS",
+                     source__collections=[{"id": "demo-sentinel-2-l2a", "name": "s2", "bands": ["B04", "SCL"]}])
+    summary = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
+    assert summary.chips_written > 0
+    ds = xr.open_zarr(tmp_path / "out" / "chips.zarr", group="s2")
+    assert ds.sizes["time"] == 3
+    months = ds["datetime"].isel(chip=0).values.astype("datetime64[M]").astype(str).tolist()
+    assert months == ["2024-05", "2024-06", "2024-07"]
+    scl = ds["pixels"].sel(band="SCL").values
+    assert not np.isin(scl[ds["pixels"].sel(band="B04").values > 0], (3, 8, 9, 10)).any()
+
+
+def test_a_corrupt_cog_is_skipped_and_recorded(stac_api, client, tmp_path):
+    spec = make_spec(tmp_path / "out", source__collections=[{"id": BROKEN_COLLECTION, "bands": ["B04", "SCL"]}])
+    summary = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
+    assert summary.chips_written == 0 and len(summary.skipped) == summary.chips_planned
+    assert all("RasterioIOError" in reason or "read" in reason.lower() for _, reason in summary.skipped)
+    ds = xr.open_zarr(tmp_path / "out" / "chips.zarr", group=BROKEN_COLLECTION.replace("-", "_"))
+    assert not bool(ds["written"].any())
+    manifest = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
+    assert len(manifest["summary"]["skipped"]) == summary.chips_planned
+
+
+def test_a_corrupt_cog_fails_the_run_under_on_error_fail(stac_api, client, tmp_path):
+    spec = make_spec(tmp_path / "out", loader__on_error="fail",
+                     source__collections=[{"id": BROKEN_COLLECTION, "bands": ["B04"]}])
+    with pytest.raises(EoprepError, match=r"chip R\w+_20240501-20240731: reads failed after 1 retries"):
+        run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"source__collections": [{"id": "demo-sentinel-2-l2a", "bands": ["B02", "B99"]}]},
+         r"source.collections\[0\].bands: \['B99'\] not among the assets"),
+        ({"source__datetime": "2019-01-01/2019-02-01"}, r"found no items"),
+        ({"source__aoi": {"bbox": [500000, 5025000, 505000, 5030000]}}, r"source.aoi.bbox: bbox .* not lon/lat"),
+        ({"source__collections": [{"id": "no-such-collection", "bands": ["B02"]}]}, r"no-such-collection"),
+    ],
+)
+def test_bad_input_fails_before_writing_anything(stac_api, client, tmp_path, change, message):
+    out = tmp_path / "out"
+    with pytest.raises(EoprepError, match=message):
+        run_pipeline(make_spec(out, **change), client=client, catalog_url=stac_api, say=_quiet)
+    assert not out.exists()
+
+
+def test_aoi_in_a_projected_crs_is_reprojected(stac_api, client, tmp_path):
+    from pyproj import Transformer
+
+    to_utm = Transformer.from_crs("EPSG:4326", "EPSG:32632", always_xy=True)
+    bbox = to_utm.transform_bounds(*TEST_BBOX)
+    spec = make_spec(tmp_path / "out", source__aoi={"bbox": list(bbox), "crs": "EPSG:32632"})
+    summary = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
+    assert summary.chips_written >= 4
+
+
+def test_unreachable_api_is_one_line(client, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(EoprepError, match=r"^source.url: cannot reach the STAC API at http://127.0.0.1:9/"):
+        run_pipeline(make_spec(out), client=client, catalog_url="http://127.0.0.1:9/", say=_quiet)
+    assert not out.exists()
+
+
+def test_demo_sensors_carry_their_known_shift(demo_archive):
+    shifts = {i["collection"]: tuple(i["properties"]["eoprep:true_shift"]) for i in demo_archive.items}
+    assert shifts["demo-sentinel-1-rtc"] == SENSOR_SHIFTS["sentinel-1"] != (0.0, 0.0)
+    assert Path(demo_archive.items[0]["assets"]["B02"]["href"].removeprefix("file://")).exists()
