@@ -115,8 +115,9 @@ def test_rerun_writes_nothing_and_extension_appends_without_touching_full_shards
 
 def test_odc_stac_and_stackstac_give_the_same_pixels(stac_api, client, tmp_path):
     a = run_pipeline(make_spec(tmp_path / "odc"), client=client, catalog_url=stac_api, say=_quiet)
-    b = run_pipeline(make_spec(tmp_path / "ss", loader__engine="stackstac"), client=client, catalog_url=stac_api,
-                     say=_quiet)
+    b = run_pipeline(
+        make_spec(tmp_path / "ss", loader__engine="stackstac"), client=client, catalog_url=stac_api, say=_quiet
+    )
     assert a.chips_written == b.chips_written > 0
     for group in ("s2", "s1"):
         x = xr.open_zarr(tmp_path / "odc" / "chips.zarr", group=group)["pixels"].values
@@ -125,8 +126,12 @@ def test_odc_stac_and_stackstac_give_the_same_pixels(stac_api, client, tmp_path)
 
 
 def test_composite_mode_takes_the_median_of_clear_pixels(stac_api, client, tmp_path):
-    spec = make_spec(tmp_path / "out", time__mode="composite", time__period="MS",
-                     source__collections=[{"id": "demo-sentinel-2-l2a", "name": "s2", "bands": ["B04", "SCL"]}])
+    spec = make_spec(
+        tmp_path / "out",
+        time__mode="composite",
+        time__period="MS",
+        source__collections=[{"id": "demo-sentinel-2-l2a", "name": "s2", "bands": ["B04", "SCL"]}],
+    )
     summary = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
     assert summary.chips_written > 0
     ds = xr.open_zarr(tmp_path / "out" / "chips.zarr", group="s2")
@@ -149,8 +154,9 @@ def test_a_corrupt_cog_is_skipped_and_recorded(stac_api, client, tmp_path):
 
 
 def test_a_corrupt_cog_fails_the_run_under_on_error_fail(stac_api, client, tmp_path):
-    spec = make_spec(tmp_path / "out", loader__on_error="fail",
-                     source__collections=[{"id": BROKEN_COLLECTION, "bands": ["B04"]}])
+    spec = make_spec(
+        tmp_path / "out", loader__on_error="fail", source__collections=[{"id": BROKEN_COLLECTION, "bands": ["B04"]}]
+    )
     with pytest.raises(EoprepError, match=r"chip R\w+_20240501-20240731: reads failed after 1 retries"):
         run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
 
@@ -158,8 +164,10 @@ def test_a_corrupt_cog_fails_the_run_under_on_error_fail(stac_api, client, tmp_p
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"source__collections": [{"id": "demo-sentinel-2-l2a", "bands": ["B02", "B99"]}]},
-         r"source.collections\[0\].bands: \['B99'\] not among the assets"),
+        (
+            {"source__collections": [{"id": "demo-sentinel-2-l2a", "bands": ["B02", "B99"]}]},
+            r"source.collections\[0\].bands: \['B99'\] not among the assets",
+        ),
         ({"source__datetime": "2019-01-01/2019-02-01"}, r"found no items"),
         ({"source__aoi": {"bbox": [500000, 5025000, 505000, 5030000]}}, r"source.aoi.bbox: bbox .* not lon/lat"),
         ({"source__collections": [{"id": "no-such-collection", "bands": ["B02"]}]}, r"no-such-collection"),
