@@ -86,3 +86,26 @@ def test_spec_hash_is_stable_and_sensitive():
     assert a.spec_hash() == b.spec_hash()
     c = a.model_copy(update={"name": "other"})
     assert c.spec_hash() != a.spec_hash()
+
+
+def test_public_source_specs_match_the_catalog_definitions():
+    """Every collection a shipped spec searches is defined in catalog/sources with those asset keys."""
+    import json
+
+    defined: dict[tuple[str, str], set[str]] = {}
+    for path in (ROOT / "catalog" / "sources").glob("*.json"):
+        coll = json.loads(path.read_text())
+        api = next(link["href"] for link in coll["links"] if link["rel"] == "via")
+        defined[(api.rstrip("/"), coll["id"])] = set(coll["item_assets"])
+    checked = 0
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        if "embed" in path.name:
+            continue
+        spec = load_spec(path)
+        if spec.source.url == "embedded":
+            continue
+        for coll in spec.source.collections:
+            assets = defined[(spec.source.url.rstrip("/"), coll.id)]
+            assert set(coll.bands) <= assets, (path.name, coll.id)
+            checked += 1
+    assert checked >= 3

@@ -79,6 +79,10 @@ def test_index_and_stac_describe_the_written_chips(demo_run):
     assert len(items) == summary.chips_written and len(collection["links"]) == len(items)
     item = json.loads(items[0].read_text())
     assert item["properties"]["proj:code"] == "EPSG:32632" and set(item["assets"]) == {"s1", "s2"}
+    product = json.loads((Path(__file__).parents[1] / "catalog" / "products" / "eoprep-chips.json").read_text())
+    assert product["summaries"]["eoprep:index_columns"] == list(index.columns)
+    coords = set(xr.open_zarr(out / "chips.zarr", group="s2").coords)
+    assert set(product["summaries"]["eoprep:chip_coordinates"]) <= coords
     manifest = json.loads(next((out / "runs").glob("*.json")).read_text())
     assert manifest["spec_hash"] == spec.spec_hash() and manifest["summary"]["chips_written"] == summary.chips_written
 
