@@ -52,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show the chips and runs of an output directory")
     inspect.add_argument("output", type=Path)
     inspect.add_argument("--chip", help="show where one chip's pixels came from")
+
+    bench = sub.add_parser("bench", help="benchmarks on the output of a pipeline spec")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    codecs = bench_sub.add_parser(
+        "codecs", help="rate–distortion of every codec (and the xarrayvideo recipe) on chips of a spec's output"
+    )
+    codecs.add_argument("--spec", type=Path, required=True, help="pipeline spec whose output was written by `run`")
+    codecs.add_argument(
+        "--out", type=Path, default=None, help="folder for rd.csv and rd.png (default: OUT/bench-codecs)"
+    )
+    codecs.add_argument("--chips", type=int, default=4, help="chips per collection group (default: 4)")
+    codecs.add_argument("--quick", action="store_true", help="three settings per codec, for a smoke run")
     return parser
 
 
@@ -206,11 +218,60 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    import functools
+    import math
+
+    from eoprep.codecs.bench import (
+        DEFAULT_BASELINE_CRFS,
+        QUICK_BASELINE_CRFS,
+        cubes_from_output,
+        default_specs,
+        run_codec_benchmark,
+        summarize,
+    )
+    from eoprep.sinks import CHIPS_STORE
+
+    spec = load_spec(args.spec)
+    output = Path(spec.output.path)
+    if not (output / CHIPS_STORE / "zarr.json").exists():
+        raise EoprepError(f"{output / CHIPS_STORE}: not found; write it with `eoprep run {args.spec}` first")
+    if args.chips < 1:
+        raise EoprepError(f"--chips: needs at least 1, got {args.chips}")
+    out = args.out or output / "bench-codecs"
+    cubes, nodata = cubes_from_output(output, chips=args.chips)
+    console.print(f"benchmarking {len(cubes)} chips of {output} → {out}", soft_wrap=True)
+    table = run_codec_benchmark(
+        cubes,
+        functools.partial(default_specs, quick=args.quick),
+        out,
+        baseline_crfs=QUICK_BASELINE_CRFS if args.quick else DEFAULT_BASELINE_CRFS,
+        nodata=nodata,
+    )
+    groups = table["cube"].str.split("/").str[0]
+    for group in dict.fromkeys(groups):
+        rows = table[groups == group]
+        first = cubes[rows["cube"].iloc[0]]
+        bands, height, width = first.shape[1:]
+        view = Table(
+            title=f"{group}: {rows['cube'].nunique()} chips, {first.dtype}, {bands} bands, {height}×{width} px"
+        )
+        for column in ("codec", "PSNR @0.1 bpppb", "PSNR @1 bpppb", "lossless ratio"):
+            view.add_column(column, justify="left" if column == "codec" else "right")
+        for codec, row in summarize(rows).iterrows():
+            cells = [row["psnr@0.1"], row["psnr@1"], row["lossless_ratio"]]
+            view.add_row(str(codec), *("–" if math.isnan(v) else f"{v:.2f}" for v in cells))
+        console.print(view)
+    console.print(f"PSNR in dB on the data range; full table {out / 'rd.csv'}, plot {out / 'rd.png'}", soft_wrap=True)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": _cmd_run,
     "demo": _cmd_demo,
     "serve-catalog": _cmd_serve,
     "inspect": _cmd_inspect,
+    "bench": _cmd_bench,
 }
 
 

@@ -182,7 +182,7 @@ class TimeSpec(_Model):
 class LoaderSpec(_Model):
     """How pixels are read inside a chip task, and what happens when reads fail."""
 
-    engine: Literal["odc-stac", "stackstac"] = "odc-stac"
+    engine: Literal["odc-stac", "stackstac", "rasterio"] = "odc-stac"
     resampling: str = "nearest"
     retries: int = Field(3, ge=0)
     backoff: float = Field(0.5, ge=0)

@@ -2,9 +2,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from codec_cubes import s2_cube, sar_cube
 
 from eoprep.codecs import CodecError, CodecSpec, decode_chip, encode_chip
 from eoprep.codecs.metrics import psnr
+
+
+@pytest.fixture
+def s2_like() -> np.ndarray:
+    return s2_cube()
+
+
+@pytest.fixture
+def sar_like() -> np.ndarray:
+    return sar_cube()
+
 
 LOSSLESS_INT = [
     {"name": "zstd"},
@@ -133,3 +145,14 @@ def test_bad_inputs_raise_clear_errors(s2_like: np.ndarray) -> None:
         encode_chip(s2_like, CodecSpec(name="h265", lossless=True, bit_depth=8))
     with pytest.raises(CodecError, match="float32 chips need zstd, blosc2 or lerc"):
         encode_chip(s2_like.astype(np.float32), CodecSpec(name="ffv1"))
+
+
+def test_lossy_decode_never_turns_data_into_nodata() -> None:
+    # Coarse coding of decorrelated bands lands small values (like S2 SCL classes) on the nodata value 0,
+    # in a chip with no nodata pixel (so no mask is stored).
+    rng = np.random.default_rng(0)
+    edges = rng.choice(np.array([1, 60000]), size=(2, 1, 32, 32))
+    classes = rng.integers(1, 5, size=(2, 1, 32, 32))
+    chip = np.concatenate([edges, 60001 - edges, classes], axis=1).astype(np.uint16)
+    decoded = decode_chip(encode_chip(chip, CodecSpec(name="h265", quality=45, nodata=0)))
+    assert (decoded != 0).all()

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from codec_cubes import s2_cube
 
 from eoprep.codecs import CodecError, CodecSpec, EoprepChipCodec, zarr_codecs
 from eoprep.codecs.metrics import psnr
+
+
+@pytest.fixture
+def s2_like() -> np.ndarray:
+    return s2_cube()
 
 
 def _chips(s2_like: np.ndarray, n: int = 3) -> np.ndarray:
@@ -99,3 +105,34 @@ def test_corrupt_chunk_raises_on_read(tmp_path: Path, s2_like: np.ndarray) -> No
     chunk.write_bytes(bytes(raw))
     with pytest.raises(CodecError, match="checksum mismatch"):
         zarr.open_array(tmp_path / "k.zarr")[:]
+
+
+def test_fill_value_is_the_nodata_lossy_codecs_keep(tmp_path: Path, s2_like: np.ndarray) -> None:
+    data = _chips(s2_like, 1)
+    arr = zarr.create_array(
+        tmp_path / "f.zarr",
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=data.shape,
+        fill_value=0,
+        **zarr_codecs(CodecSpec(name="h265", quality=30), data.dtype),
+    )
+    arr[:] = data
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "f.zarr")[:] == 0, data == 0)
+
+
+def test_reading_without_eoprep_names_the_package(tmp_path: Path, s2_like: np.ndarray, monkeypatch) -> None:
+    data = _chips(s2_like, 1)
+    arr = zarr.create_array(
+        tmp_path / "m.zarr",
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=data.shape,
+        **zarr_codecs(CodecSpec(name="ffv1"), data.dtype),
+    )
+    arr[:] = data
+    # What a reader without eoprep sees: zarr's codec registry holds no entry for our codec id.
+    registries = vars(zarr.registry)["__codec_registries"]
+    monkeypatch.delitem(registries, "eoprep.chip")
+    with pytest.raises(zarr.errors.UnknownCodecError, match=r"Unknown codec: 'eoprep\.chip'"):
+        zarr.open_array(tmp_path / "m.zarr")

@@ -78,6 +78,22 @@ def _fill_invalid(chip: np.ndarray, invalid: np.ndarray) -> np.ndarray:
     return out
 
 
+def _masked(spec: CodecSpec) -> bool:
+    """Lossless paths keep every value (nodata included) by construction; lossy ones and LERC need masks."""
+    return (not spec.lossless) or spec.name == "lerc"
+
+
+def _move_off_nodata(chip: np.ndarray, nodata: float) -> None:
+    """Shift valid pixels that a lossy decode landed on ``nodata`` by one step, so they still read as data."""
+    hit = chip == np.asarray(nodata).astype(chip.dtype)
+    if not hit.any():
+        return
+    if chip.dtype.kind == "f":
+        chip[hit] = np.nextafter(chip.dtype.type(nodata), chip.dtype.type(np.inf))
+    else:
+        chip[hit] = nodata + 1 if nodata < np.iinfo(chip.dtype).max else nodata - 1
+
+
 def _restore(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "f":
         return values.astype(dtype)
@@ -88,9 +104,7 @@ def _restore(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _encode_once(
     chip: np.ndarray, shape: tuple[int, ...], spec: CodecSpec, codec: Codec, knob: float | None, nodata: float | None
 ) -> bytes:
-    # Lossless paths keep every value (nodata included) by construction; lossy ones and LERC need masks.
-    masked = (not spec.lossless) or spec.name == "lerc"
-    masks = _invalid_masks(chip, nodata) if masked else {}
+    masks = _invalid_masks(chip, nodata) if _masked(spec) else {}
     header: dict[str, Any] = {
         "codec": spec.model_dump(exclude_defaults=True),
         "dtype": chip.dtype.str,
@@ -256,8 +270,11 @@ def decode_chip(payload: bytes | bytearray | memoryview) -> np.ndarray:
         if raw.dtype == np.uint8 and dtype != raw.dtype:
             raw = raw.view(dtype.newbyteorder("<"))
         chip = raw.astype(dtype, copy=False).reshape(chip_shape)
+    nodata = header["nodata"]
+    if _masked(spec) and nodata is not None and not math.isnan(nodata):
+        _move_off_nodata(chip, nodata)
     if "mask_nodata" in sections:
-        chip[unpack_mask(sections["mask_nodata"], chip_shape)] = header["nodata"]
+        chip[unpack_mask(sections["mask_nodata"], chip_shape)] = nodata
     if "mask_nan" in sections:
         chip[unpack_mask(sections["mask_nan"], chip_shape)] = np.nan
     return chip.reshape(shape)

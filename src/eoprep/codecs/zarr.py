@@ -2,7 +2,17 @@
 entry point as ``eoprep.chip``) and `zarr_codecs`, the `zarr.create_array` arguments for a `CodecSpec`.
 
 Each chunk handed to the codec is one chip, shaped (1, time, band, y, x) as the inner chunk of a
-``ShardingCodec``; the payload is self-describing, so the array metadata only needs the spec.
+``ShardingCodec``; the payload is self-describing, so the array metadata only needs the spec. Unless the
+spec sets ``nodata``, the array's fill value is the nodata value lossy codecs keep exactly (eoprep stores
+write nodata as the fill value).
+
+Reading without eoprep: zarr-python (3.1) resolves codec names only through its registry and reports a
+missing one as ``UnknownCodecError: Unknown codec: 'eoprep.chip'``. That message is built from the codec
+name alone; zarr has no metadata field for an install hint (``must_understand: false`` marks optional
+top-level extensions, and a codec can never be optional), and no code of ours runs when eoprep is absent.
+So the hint is the name itself: like numcodecs' ``numcodecs.<codec>`` ids, ``eoprep.chip`` starts with
+the package that provides it (``pip install eoprep``), and ``tests/codecs/test_zarr.py`` checks that the
+error shows it.
 """
 
 from __future__ import annotations
@@ -68,7 +78,10 @@ class EoprepChipCodec(ArrayBytesCodec):
         return chunk_spec.prototype.nd_buffer.from_numpy_array(chip.reshape(chunk_spec.shape))
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        payload = encode_chip(chunk_array.as_numpy_array(), self.spec)
+        nodata = self.spec.nodata
+        if nodata is None and chunk_spec.fill_value is not None:
+            nodata = float(chunk_spec.fill_value)
+        payload = encode_chip(chunk_array.as_numpy_array(), self.spec, nodata=nodata)
         return chunk_spec.prototype.buffer.from_bytes(payload)
 
     def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from eoprep.errors import EoprepError
 
@@ -21,6 +21,19 @@ WORKER_ENV = {
     "GDAL_HTTP_RETRY_DELAY": "1",
     "OMP_NUM_THREADS": "1",
 }
+
+
+class _Preload(WorkerPlugin):
+    """Import the readers when a worker starts, so the first chip does not pay seconds of imports."""
+
+    name = "eoprep-preload"
+
+    def setup(self, worker: object) -> None:
+        import odc.stac  # noqa: F401
+        import rasterio  # noqa: F401
+        import zarr  # noqa: F401
+
+        import eoprep.pipeline  # noqa: F401
 
 
 @contextmanager
@@ -37,6 +50,7 @@ def dask_client(
             client = Client(scheduler, timeout="15s")
         except (OSError, TimeoutError) as exc:
             raise EoprepError(f"--scheduler: cannot connect to the Dask scheduler at {scheduler} ({exc})") from None
+        client.register_plugin(_Preload())
         say(f"Dask scheduler {scheduler} · dashboard {client.dashboard_link}")
         try:
             yield client
@@ -54,6 +68,7 @@ def dask_client(
         memory_limit="auto",
     )
     client = Client(cluster)
+    client.register_plugin(_Preload())
     say(f"Dask LocalCluster: {n} worker processes · dashboard {client.dashboard_link}")
     try:
         yield client

@@ -1,7 +1,12 @@
+"""Synthetic EO-like cubes for the codec tests.
+
+A helper module, not a ``conftest.py``: without ``__init__.py`` files pytest imports every conftest as the
+module ``conftest``, so a second one here would shadow ``tests/conftest.py`` for ``from conftest import``.
+"""
+
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 
 def smooth_cube(shape: tuple[int, int, int, int], *, lo: float, hi: float, seed: int = 0) -> np.ndarray:
@@ -16,16 +21,14 @@ def smooth_cube(shape: tuple[int, int, int, int], *, lo: float, hi: float, seed:
     return lo + (hi - lo) * np.clip(cube, 0, 1)
 
 
-@pytest.fixture
-def s2_like() -> np.ndarray:
+def s2_cube() -> np.ndarray:
     """uint16 reflectance cube (8, 4, 64, 64) with a nodata (0) patch."""
     cube = smooth_cube((8, 4, 64, 64), lo=200, hi=3800).astype(np.uint16)
     cube[2, :, 10:20, 30:45] = 0
     return cube
 
 
-@pytest.fixture
-def sar_like() -> np.ndarray:
+def sar_cube() -> np.ndarray:
     """float32 backscatter in dB (4, 2, 48, 40) with NaN gaps."""
     cube = smooth_cube((4, 2, 48, 40), lo=-25, hi=5, seed=1).astype(np.float32)
     cube[1, 0, 5:9, 7:30] = np.nan

@@ -1,0 +1,150 @@
+"""End-to-end chip throughput against the raw-read bound, odc-stac vs stackstac, and peak worker memory.
+
+All numbers come from one run on this machine:
+
+* raw bound: rasterio reading exactly the windows the chips need (each band of each scene, onto the
+  chip's pixel grid), in a process pool with the same number of processes as Dask workers, file
+  handles cached per process, nothing written;
+* eoprep: ``run_pipeline`` on a fresh LocalCluster (processes) against the real local pgstac API,
+  search and planning included, Zarr shards written;
+* memory: peak RSS of the workers (``ru_maxrss``), for a small and a 4× larger AOI.
+
+    .venv/bin/python benchmarks/pipeline_throughput.py [--workers 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import from_bounds
+
+from eoprep.catalog_server import LocalStacServer
+from eoprep.config import parse_spec
+from eoprep.demo import DEMO_DATETIME, S2_COLLECTION, generate_archive
+from eoprep.grid import GlobalGrid
+from eoprep.pipeline import run_pipeline
+from eoprep.runtime import dask_client
+
+BANDS = ["B02", "B03", "B04", "B08", "B11", "B12", "SCL"]
+ARCHIVE_BBOX = (9.00, 45.40, 9.14, 45.50)
+SMALL_AOI = [9.03, 45.42, 9.08, 45.45]
+LARGE_AOI = [9.01, 45.41, 9.13, 45.49]
+CELL, PIXEL = 2560.0, 10.0
+
+_handles: dict[str, Any] = {}
+
+
+def _read_chip(job: tuple[list[str], tuple[float, float, float, float], int]) -> int:
+    """Read every band window of one chip (one file per band and scene), handles cached per process."""
+    paths, bounds, size = job
+    total = 0
+    for path in paths:
+        src = _handles.get(path)
+        if src is None:
+            src = _handles[path] = rasterio.open(path)
+        data = src.read(1, window=from_bounds(*bounds, transform=src.transform), out_shape=(size, size))
+        total += data.nbytes
+    return total
+
+
+def raw_bound(items: list[dict[str, Any]], bbox: list[float], workers: int) -> dict[str, float]:
+    grid = GlobalGrid(cell_size=CELL, pixel_size=PIXEL)
+    jobs = []
+    for cell in grid.cells_in_bbox(tuple(bbox)):
+        bounds = (cell.x0, cell.y0 - CELL, cell.x0 + CELL, cell.y0)
+        paths = [it["assets"][b]["href"].removeprefix("file://") for it in items for b in BANDS]
+        jobs.append((paths, bounds, cell.size))
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        nbytes = sum(pool.map(_read_chip, jobs))
+    seconds = time.perf_counter() - start
+    return {"chips": len(jobs), "seconds": seconds, "mb": nbytes / 1e6, "mb_s": nbytes / 1e6 / seconds,
+            "chips_s": len(jobs) / seconds}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def eoprep_run(url: str, out: Path, bbox: list[float], engine: str, workers: int) -> dict[str, float]:
+    spec = parse_spec({
+        "name": "bench",
+        "source": {"url": url, "collections": [{"id": S2_COLLECTION, "name": "s2", "bands": BANDS}],
+                   "aoi": {"bbox": bbox}, "datetime": DEMO_DATETIME},
+        "grid": {"cell_size": CELL, "pixel_size": PIXEL},
+        "time": {"mode": "scenes", "max_scenes": 8},
+        "loader": {"engine": engine},
+        "output": {"path": str(out), "chips_per_shard": 2},
+    })
+    with dask_client(workers=workers, say=lambda _m: None) as client:
+        start = time.perf_counter()
+        summary = run_pipeline(spec, client=client, say=lambda _m: None)
+        seconds = time.perf_counter() - start
+        peaks = client.run(_peak_rss_mb)
+    raw_mb = summary.chips_written * 8 * len(BANDS) * (CELL / PIXEL) ** 2 * 2 / 1e6
+    return {"chips": summary.chips_written, "seconds": seconds, "mb": raw_mb, "mb_s": raw_mb / seconds,
+            "chips_s": summary.chips_written / seconds, "peak_worker_mb": max(peaks.values()),
+            "stored_mb": summary.bytes_written / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="eoprep-bench-") as tmp:
+        root = Path(tmp)
+        print("generating the archive …", flush=True)
+        archive = generate_archive(root / "archive", bbox=ARCHIVE_BBOX)
+        items = [i for i in archive.items if i["collection"] == S2_COLLECTION]
+        server = LocalStacServer(root / "catalog")
+        server.start()
+        try:
+            server.load(archive.collections, archive.items)
+            rows = {"raw-read bound (small AOI)": raw_bound(items, SMALL_AOI, args.workers)}
+            rows["eoprep odc-stac (small AOI)"] = eoprep_run(server.url, root / "o1", SMALL_AOI, "odc-stac", args.workers)
+            rows["eoprep stackstac (small AOI)"] = eoprep_run(server.url, root / "s1", SMALL_AOI, "stackstac",
+                                                              args.workers)
+            rows["eoprep rasterio (small AOI)"] = eoprep_run(server.url, root / "r1", SMALL_AOI, "rasterio",
+                                                             args.workers)
+            rows["raw-read bound (large AOI)"] = raw_bound(items, LARGE_AOI, args.workers)
+            rows["eoprep odc-stac (large AOI)"] = eoprep_run(server.url, root / "o2", LARGE_AOI, "odc-stac", args.workers)
+            rows["eoprep rasterio (large AOI)"] = eoprep_run(server.url, root / "r2", LARGE_AOI, "rasterio",
+                                                             args.workers)
+        finally:
+            server.destroy()
+    bound = {"small": rows["raw-read bound (small AOI)"]["mb_s"], "large": rows["raw-read bound (large AOI)"]["mb_s"]}
+    print(f"\n{'run':32} {'chips':>6} {'s':>7} {'chips/s':>8} {'MB/s':>7} {'x bound':>8} {'peak worker MB':>15}")
+    for name, row in rows.items():
+        ratio = row["mb_s"] / bound["large" if "large" in name else "small"]
+        row["ratio_to_bound"] = ratio
+        peak = f"{row['peak_worker_mb']:.0f}" if "peak_worker_mb" in row else "-"
+        print(f"{name:32} {row['chips']:>6} {row['seconds']:>7.2f} {row['chips_s']:>8.2f} {row['mb_s']:>7.1f} "
+              f"{ratio:>8.2f} {peak:>15}")
+    small, large = rows["eoprep rasterio (small AOI)"], rows["eoprep rasterio (large AOI)"]
+    result = {
+        "workers": args.workers,
+        "rows": rows,
+        "odc_vs_stackstac_speed": small["mb_s"] / rows["eoprep stackstac (small AOI)"]["mb_s"],
+        "peak_memory_growth_large_vs_small": large["peak_worker_mb"] / small["peak_worker_mb"],
+        "aoi_growth": large["chips"] / small["chips"],
+    }
+    print(f"\nodc-stac / stackstac speed: {result['odc_vs_stackstac_speed']:.2f}; peak worker memory large/small AOI: "
+          f"{result['peak_memory_growth_large_vs_small']:.2f} for {result['aoi_growth']:.1f}x the chips")
+    print(json.dumps(result, default=float))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
