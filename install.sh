@@ -22,5 +22,7 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# torch: the CPU wheel pinned here keeps pip from pulling a multi-GB CUDA build for the readers' tests.
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[catalog,dev]"
 echo "eoprep installed in $(pwd)/.venv"

@@ -67,8 +67,13 @@ def raw_bound(items: list[dict[str, Any]], bbox: list[float], workers: int) -> d
     with ProcessPoolExecutor(workers) as pool:
         nbytes = sum(pool.map(_read_chip, jobs))
     seconds = time.perf_counter() - start
-    return {"chips": len(jobs), "seconds": seconds, "mb": nbytes / 1e6, "mb_s": nbytes / 1e6 / seconds,
-            "chips_s": len(jobs) / seconds}
+    return {
+        "chips": len(jobs),
+        "seconds": seconds,
+        "mb": nbytes / 1e6,
+        "mb_s": nbytes / 1e6 / seconds,
+        "chips_s": len(jobs) / seconds,
+    }
 
 
 def _peak_rss_mb() -> float:
@@ -76,24 +81,36 @@ def _peak_rss_mb() -> float:
 
 
 def eoprep_run(url: str, out: Path, bbox: list[float], engine: str, workers: int) -> dict[str, float]:
-    spec = parse_spec({
-        "name": "bench",
-        "source": {"url": url, "collections": [{"id": S2_COLLECTION, "name": "s2", "bands": BANDS}],
-                   "aoi": {"bbox": bbox}, "datetime": DEMO_DATETIME},
-        "grid": {"cell_size": CELL, "pixel_size": PIXEL},
-        "time": {"mode": "scenes", "max_scenes": 8},
-        "loader": {"engine": engine},
-        "output": {"path": str(out), "chips_per_shard": 2},
-    })
+    spec = parse_spec(
+        {
+            "name": "bench",
+            "source": {
+                "url": url,
+                "collections": [{"id": S2_COLLECTION, "name": "s2", "bands": BANDS}],
+                "aoi": {"bbox": bbox},
+                "datetime": DEMO_DATETIME,
+            },
+            "grid": {"cell_size": CELL, "pixel_size": PIXEL},
+            "time": {"mode": "scenes", "max_scenes": 8},
+            "loader": {"engine": engine},
+            "output": {"path": str(out), "chips_per_shard": 2},
+        }
+    )
     with dask_client(workers=workers, say=lambda _m: None) as client:
         start = time.perf_counter()
         summary = run_pipeline(spec, client=client, say=lambda _m: None)
         seconds = time.perf_counter() - start
         peaks = client.run(_peak_rss_mb)
     raw_mb = summary.chips_written * 8 * len(BANDS) * (CELL / PIXEL) ** 2 * 2 / 1e6
-    return {"chips": summary.chips_written, "seconds": seconds, "mb": raw_mb, "mb_s": raw_mb / seconds,
-            "chips_s": summary.chips_written / seconds, "peak_worker_mb": max(peaks.values()),
-            "stored_mb": summary.bytes_written / 1e6}
+    return {
+        "chips": summary.chips_written,
+        "seconds": seconds,
+        "mb": raw_mb,
+        "mb_s": raw_mb / seconds,
+        "chips_s": summary.chips_written / seconds,
+        "peak_worker_mb": max(peaks.values()),
+        "stored_mb": summary.bytes_written / 1e6,
+    }
 
 
 def main() -> None:
@@ -111,15 +128,22 @@ def main() -> None:
         try:
             server.load(archive.collections, archive.items)
             rows = {"raw-read bound (small AOI)": raw_bound(items, SMALL_AOI, args.workers)}
-            rows["eoprep odc-stac (small AOI)"] = eoprep_run(server.url, root / "o1", SMALL_AOI, "odc-stac", args.workers)
-            rows["eoprep stackstac (small AOI)"] = eoprep_run(server.url, root / "s1", SMALL_AOI, "stackstac",
-                                                              args.workers)
-            rows["eoprep rasterio (small AOI)"] = eoprep_run(server.url, root / "r1", SMALL_AOI, "rasterio",
-                                                             args.workers)
+            rows["eoprep odc-stac (small AOI)"] = eoprep_run(
+                server.url, root / "o1", SMALL_AOI, "odc-stac", args.workers
+            )
+            rows["eoprep stackstac (small AOI)"] = eoprep_run(
+                server.url, root / "s1", SMALL_AOI, "stackstac", args.workers
+            )
+            rows["eoprep rasterio (small AOI)"] = eoprep_run(
+                server.url, root / "r1", SMALL_AOI, "rasterio", args.workers
+            )
             rows["raw-read bound (large AOI)"] = raw_bound(items, LARGE_AOI, args.workers)
-            rows["eoprep odc-stac (large AOI)"] = eoprep_run(server.url, root / "o2", LARGE_AOI, "odc-stac", args.workers)
-            rows["eoprep rasterio (large AOI)"] = eoprep_run(server.url, root / "r2", LARGE_AOI, "rasterio",
-                                                             args.workers)
+            rows["eoprep odc-stac (large AOI)"] = eoprep_run(
+                server.url, root / "o2", LARGE_AOI, "odc-stac", args.workers
+            )
+            rows["eoprep rasterio (large AOI)"] = eoprep_run(
+                server.url, root / "r2", LARGE_AOI, "rasterio", args.workers
+            )
         finally:
             server.destroy()
     bound = {"small": rows["raw-read bound (small AOI)"]["mb_s"], "large": rows["raw-read bound (large AOI)"]["mb_s"]}
@@ -128,8 +152,10 @@ def main() -> None:
         ratio = row["mb_s"] / bound["large" if "large" in name else "small"]
         row["ratio_to_bound"] = ratio
         peak = f"{row['peak_worker_mb']:.0f}" if "peak_worker_mb" in row else "-"
-        print(f"{name:32} {row['chips']:>6} {row['seconds']:>7.2f} {row['chips_s']:>8.2f} {row['mb_s']:>7.1f} "
-              f"{ratio:>8.2f} {peak:>15}")
+        print(
+            f"{name:32} {row['chips']:>6} {row['seconds']:>7.2f} {row['chips_s']:>8.2f} {row['mb_s']:>7.1f} "
+            f"{ratio:>8.2f} {peak:>15}"
+        )
     small, large = rows["eoprep rasterio (small AOI)"], rows["eoprep rasterio (large AOI)"]
     result = {
         "workers": args.workers,
@@ -138,8 +164,10 @@ def main() -> None:
         "peak_memory_growth_large_vs_small": large["peak_worker_mb"] / small["peak_worker_mb"],
         "aoi_growth": large["chips"] / small["chips"],
     }
-    print(f"\nodc-stac / stackstac speed: {result['odc_vs_stackstac_speed']:.2f}; peak worker memory large/small AOI: "
-          f"{result['peak_memory_growth_large_vs_small']:.2f} for {result['aoi_growth']:.1f}x the chips")
+    print(
+        f"\nodc-stac / stackstac speed: {result['odc_vs_stackstac_speed']:.2f}; peak worker memory large/small AOI: "
+        f"{result['peak_memory_growth_large_vs_small']:.2f} for {result['aoi_growth']:.1f}x the chips"
+    )
     print(json.dumps(result, default=float))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=float))

@@ -48,7 +48,7 @@ def test_run_shows_dashboard_progress_and_summary_then_inspect(stac_api, tmp_pat
 
     shown = _eoprep("inspect", str(tmp_path / "out"))
     assert shown.returncode == 0 and "s2" in shown.stderr and "run " in shown.stderr
-    ids = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())["input_items"]["s2"]
+    ids = list(json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())["input_items"]["s2"])
     index_chip = _first_chip(tmp_path / "out")
     detail = _eoprep("inspect", str(tmp_path / "out"), "--chip", index_chip)
     assert detail.returncode == 0 and ids[0] in detail.stderr and index_chip in detail.stderr

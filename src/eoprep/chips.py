@@ -6,6 +6,8 @@ little and the worker needs nothing but the files.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import time
 import warnings
@@ -18,14 +20,24 @@ import pandas as pd
 import pystac
 import shapely
 
+from eoprep.align import AlignRole, MaskRule, QualityRules, mask_rule
 from eoprep.config import CollectionSpec, PipelineSpec, split_range
 from eoprep.grid import Cell, GlobalGrid, chip_id
 from eoprep.sources import ChipGrid, read_items
 
-__all__ = ["ChipPlan", "ChipResult", "CollectionLayout", "SlotPlan", "build_chip", "plan_chips"]
+__all__ = [
+    "ChipPlan",
+    "ChipResult",
+    "CollectionLayout",
+    "SlotPlan",
+    "build_chip",
+    "chip_quality",
+    "plan_chips",
+    "quality_verdict",
+]
 
-#: SCL classes counted as cloud / shadow / nodata for a Sentinel-2 L2A chip's cloud fraction and composites.
-SCL_CLOUDY = (3, 8, 9, 10)
+#: SAR polarisation band names: their collections are co-registered as SAR unless ``align.sar`` says otherwise.
+SAR_BANDS = frozenset({"vv", "vh", "hh", "hv"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,8 @@ class CollectionLayout:
     scale: tuple[float, ...]
     offset: tuple[float, ...]
     resampling: dict[str, str]
+    quality: QualityRules | None = None
+    align: AlignRole | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,12 @@ class SlotPlan:
 
 @dataclass
 class ChipPlan:
-    """Everything a worker needs to build one chip: its grid and, per collection, its time slots."""
+    """Everything a worker needs to build one chip: its grid and, per collection, its time slots.
+
+    ``inputs`` holds, per collection, one signature per time slot (item ids and their fingerprints):
+    a chip whose signatures are unchanged since it was written needs no work. ``reuse`` says how many
+    leading slots may be copied from the stored chip instead of being read again.
+    """
 
     id: str
     cell: str
@@ -62,6 +81,8 @@ class ChipPlan:
     start: pd.Timestamp
     end: pd.Timestamp
     slots: dict[str, list[SlotPlan]] = field(default_factory=dict)
+    inputs: dict[str, list[str]] = field(default_factory=dict)
+    reuse: dict[str, int] = field(default_factory=dict)
 
     def item_ids(self, key: str) -> list[str]:
         return [item["id"] for slot in self.slots.get(key, []) for item in slot.items]
@@ -76,6 +97,8 @@ class ChipResult:
     reason: str | None = None
     valid_fraction: dict[str, float] = field(default_factory=dict)
     cloud_fraction: dict[str, float] = field(default_factory=dict)
+    #: Per collection and time step: (dx, dy) in metres east/north, confidence, corrected; None where not estimated.
+    shifts: dict[str, list[tuple[float, float, float, bool] | None]] = field(default_factory=dict)
     attempts: int = 1
 
 
@@ -95,7 +118,15 @@ def collection_layout(spec: PipelineSpec, coll: CollectionSpec, items: Sequence[
     else:
         assert spec.time.period is not None
         n_time = max(len(split_range(a, b, spec.time.period)) for a, b in spec.windows())
-    resampling = {b: coll.resampling.get(b, spec.loader.resampling) for b in coll.bands}
+    q = spec.quality
+    rule = mask_rule(
+        coll.bands, mask_bands=q.mask_bands, scl=q.scl, qa_pixel=q.qa_pixel, exclude=q.exclude, cloud=q.cloud
+    )
+    resampling = {
+        b: coll.resampling.get(b) or _default_resampling(spec, _source_resolution(items, b), rule, b)
+        for b in coll.bands
+    }
+    applies = q.collections is None or coll.key in q.collections
     return CollectionLayout(
         key=coll.key,
         collection=coll.id,
@@ -106,6 +137,47 @@ def collection_layout(spec: PipelineSpec, coll: CollectionSpec, items: Sequence[
         scale=tuple(scales),
         offset=tuple(offsets),
         resampling=resampling,
+        quality=QualityRules(rule, q.max_cloud if applies else None, q.min_valid if applies else None),
+        align=_align_role(spec, coll, rule),
+    )
+
+
+def _default_resampling(spec: PipelineSpec, source_res: float | None, rule: MaskRule | None, band: str) -> str:
+    """Class layers are never interpolated (nearest, mode when downsampling); values average when downsampling."""
+    down = source_res is not None and source_res < spec.grid.pixel_size * 0.999
+    if rule is not None and band == rule.band:
+        return "mode" if down else "nearest"
+    base = spec.loader.resampling
+    return "average" if down and base in ("bilinear", "cubic", "cubic_spline", "lanczos") else base
+
+
+def _source_resolution(items: Sequence[pystac.Item], band: str) -> float | None:
+    for item in items:
+        asset = item.assets.get(band)
+        if asset is None:
+            continue
+        transform = asset.extra_fields.get("proj:transform")
+        raster = (asset.extra_fields.get("raster:bands") or [{}])[0]
+        res = raster.get("spatial_resolution") or asset.extra_fields.get("gsd") or (transform and abs(transform[0]))
+        return float(res) if res else None
+    return None
+
+
+def _align_role(spec: PipelineSpec, coll: CollectionSpec, rule: MaskRule | None) -> AlignRole | None:
+    """How this collection takes part in co-registration, or None when it does not."""
+    align = spec.align
+    if align is None or (align.collections is not None and coll.key not in {*align.collections, align.reference}):
+        return None
+    bands = align.bands.get(coll.key) or [b for b in coll.bands if rule is None or b != rule.band]
+    sar = coll.key in align.sar if align.sar is not None else bool(SAR_BANDS & {b.lower() for b in coll.bands})
+    return AlignRole(
+        reference=coll.key == align.reference,
+        bands=tuple(bands),
+        modality="sar" if sar else "optical",
+        method=align.method,
+        max_shift=align.max_shift,
+        min_confidence=align.min_confidence,
+        resampling=align.resampling,
     )
 
 
@@ -125,6 +197,31 @@ def _raster_info(items: Sequence[pystac.Item], band: str) -> dict[str, Any]:
     return {}
 
 
+def item_fingerprint(item: pystac.Item, bands: Sequence[str]) -> str:
+    """What identifies the content of an item's assets: ``updated``, hrefs, checksums, local file stats.
+
+    Providers re-process scenes under the same id (new baselines, fixed geolocation); they bump
+    ``updated`` or ``file:checksum``. For local files the size and modification time stand in.
+    """
+    parts = [item.id, str(item.properties.get("updated") or item.properties.get("datetime"))]
+    for band in bands:
+        asset = item.assets.get(band)
+        if asset is None:
+            continue
+        parts += [asset.href, str(asset.extra_fields.get("file:checksum", ""))]
+        if asset.href.startswith("file://"):
+            try:
+                st = os.stat(asset.href.removeprefix("file://"))
+                parts += [str(st.st_size), str(st.st_mtime_ns)]
+            except OSError:
+                parts.append("missing")
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _slot_signature(items: Sequence[dict[str, Any]], fingerprints: dict[str, str]) -> str:
+    return hashlib.sha1(",".join(f"{it['id']}:{fingerprints[it['id']]}" for it in items).encode()).hexdigest()[:12]
+
+
 def _solar_day(item: pystac.Item) -> pd.Timestamp:
     """Local solar date of an acquisition: same-pass tiles share it even across UTC midnight."""
     lon = shapely.geometry.shape(item.geometry).centroid.x if item.geometry else 0.0
@@ -141,6 +238,8 @@ def plan_chips(
 ) -> tuple[list[ChipPlan], list[tuple[str, str]]]:
     """Chips (cell × window) with at least one item, and notes on what was left out and why."""
     footprints = {key: [shapely.geometry.shape(it.geometry) for it in its] for key, its in items.items()}
+    fingerprints = {it.id: item_fingerprint(it, layouts[key].bands) for key, its in items.items() for it in its}
+    tolerances = _tolerances(spec)
     plans, notes = [], []
     for cell in cells:
         chip_poly = cell.footprint
@@ -155,15 +254,47 @@ def plan_chips(
                     if start <= pd.Timestamp(it.datetime) <= end and fp.intersects(chip_poly)
                 ]
                 slots = _slots(spec, hits, start, end)
-                if len(slots) > layouts[key].n_time:
+                if len(slots) > layouts[key].n_time and key not in tolerances:
                     notes.append((cid, f"{key}: {len(slots) - layouts[key].n_time} scenes beyond time.max_scenes"))
                     slots = slots[: layouts[key].n_time]
                 plan.slots[key] = slots
+                plan.inputs[key] = [_slot_signature(slot.items, fingerprints) for slot in slots]
+            for key, slots in _match_dates(plan.slots, tolerances).items():
+                plan.slots[key] = slots
+                plan.inputs[key] = [_slot_signature(slot.items, fingerprints) for slot in slots]
             if any(plan.slots.values()):
                 plans.append(plan)
             else:
                 notes.append((cid, "no items intersect this chip"))
     return plans, notes
+
+
+def _tolerances(spec: PipelineSpec) -> dict[str, pd.Timedelta]:
+    """Collections whose dates follow the first collection's (``match_tolerance``, scenes mode only)."""
+    if spec.time.mode != "scenes":
+        return {}
+    return {c.key: pd.Timedelta(c.match_tolerance) for c in spec.source.collections if c.match_tolerance is not None}
+
+
+def _match_dates(slots: dict[str, list[SlotPlan]], tolerances: dict[str, pd.Timedelta]) -> dict[str, list[SlotPlan]]:
+    """Give each matched collection the anchor's time axis: per anchor date, its nearest scene within tolerance.
+
+    The anchor is the first collection without a tolerance; an anchor date with no scene close
+    enough gets an empty slot (NaT, nodata), so time step t means the same day in every group.
+    """
+    anchor = next((key for key in slots if key not in tolerances), None)
+    if anchor is None or not tolerances:
+        return {}
+    matched = {}
+    for key, tolerance in tolerances.items():
+        own = slots.get(key, [])
+        axis = []
+        for target in slots[anchor]:
+            gaps = [abs(s.time - target.time) for s in own]
+            best = int(np.argmin(gaps)) if gaps else -1
+            axis.append(own[best] if best >= 0 and gaps[best] <= tolerance else SlotPlan(pd.NaT, ()))
+        matched[key] = axis
+    return matched
 
 
 def _slots(spec: PipelineSpec, hits: list[pystac.Item], start: pd.Timestamp, end: pd.Timestamp) -> list[SlotPlan]:
@@ -198,16 +329,21 @@ def build_chip(
     backoff: float,
     sleep: Callable[[float], None] = time.sleep,
     composite: bool = False,
+    stored: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """The chip array (time, band, y, x) for one collection, padded with nodata; and read attempts used.
 
-    Reads are retried with exponential backoff and jitter; the last error propagates.
+    Reads are retried with exponential backoff and jitter; the last error propagates. The first
+    ``plan.reuse[key]`` slots are copied from ``stored`` (the chip as written before) instead of read.
     """
     dtype = np.dtype(layout.dtype)
     out = np.full((layout.n_time, len(layout.bands), plan.grid.size, plan.grid.size), layout.nodata, dtype=dtype)
+    reuse = plan.reuse.get(layout.key, 0) if stored is not None else 0
+    if reuse:
+        out[:reuse] = stored[:reuse]
     attempts = 0
     for t, slot in enumerate(plan.slots.get(layout.key, [])):
-        if not slot.items:
+        if t < reuse or not slot.items:
             continue
         for attempt in range(retries + 1):
             attempts += 1
@@ -243,19 +379,23 @@ def _first_valid(scenes: np.ndarray, nodata: float) -> np.ndarray:
     return out
 
 
+def _mask_rule(layout: CollectionLayout) -> MaskRule | None:
+    return layout.quality.mask if layout.quality is not None else None
+
+
 def _median_of_clear(scenes: np.ndarray, layout: CollectionLayout) -> np.ndarray:
-    """Per-pixel median of the scenes where the pixel is valid and (with SCL) not cloud or shadow."""
+    """Per-pixel median of the scenes where the pixel is valid and not flagged by the quality band."""
     bad = _invalid(scenes, layout.nodata).any(axis=1)
-    if "SCL" in layout.bands:
-        bad |= np.isin(scenes[:, layout.bands.index("SCL")], SCL_CLOUDY)
+    rule = _mask_rule(layout)
+    if rule is not None:
+        bad |= rule.unusable(scenes[:, layout.bands.index(rule.band)])
     values = np.where(bad[:, None], np.nan, scenes.astype(np.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(values, axis=0)
-    if "SCL" in layout.bands:
-        k = layout.bands.index("SCL")
-        scl = scenes[:, k]
-        median[k] = np.where(bad.all(axis=0), layout.nodata, _mode_of_clear(scl, bad))
+    if rule is not None:
+        k = layout.bands.index(rule.band)
+        median[k] = np.where(bad.all(axis=0), layout.nodata, _mode_of_clear(scenes[:, k], bad))
     median = np.where(np.isnan(median), layout.nodata, median)
     dtype = np.dtype(layout.dtype)
     return np.round(median).astype(dtype) if dtype.kind in "iu" else median.astype(dtype)
@@ -268,14 +408,31 @@ def _mode_of_clear(scl: np.ndarray, bad: np.ndarray) -> np.ndarray:
 
 
 def chip_quality(chip: np.ndarray, layout: CollectionLayout) -> tuple[float, float]:
-    """Valid fraction (pixels with data in all bands, over filled slots) and cloud fraction from SCL."""
+    """Valid fraction (pixels with data in all bands, over filled slots) and cloud fraction (of valid pixels).
+
+    The cloud fraction counts the ``quality.cloud`` flags of the collection's quality band (SCL,
+    QA_PIXEL); it is NaN for collections without one.
+    """
     filled = ~_invalid(chip, layout.nodata).all(axis=(1, 2, 3))
     if not filled.any():
         return 0.0, float("nan")
     data = chip[filled]
     valid = ~_invalid(data, layout.nodata).any(axis=1)
     cloud = float("nan")
-    if "SCL" in layout.bands:
-        scl = data[:, layout.bands.index("SCL")]
-        cloud = float(np.isin(scl, SCL_CLOUDY[1:])[valid].mean()) if valid.any() else float("nan")
+    rule = _mask_rule(layout)
+    if rule is not None and valid.any():
+        cloud = float(rule.cloudy(data[:, layout.bands.index(rule.band)])[valid].mean())
     return float(valid.mean()), cloud
+
+
+def quality_verdict(
+    valid_fraction: dict[str, float], cloud_fraction: dict[str, float], layouts: dict[str, CollectionLayout]
+) -> str | None:
+    """Why a chip is dropped under the spec's ``quality`` thresholds (first failing collection), or None."""
+    for key, layout in layouts.items():
+        if layout.quality is None:
+            continue
+        reason = layout.quality.verdict(key, valid_fraction.get(key, 0.0), cloud_fraction.get(key, float("nan")))
+        if reason is not None:
+            return reason
+    return None

@@ -64,6 +64,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     codecs.add_argument("--chips", type=int, default=4, help="chips per collection group (default: 4)")
     codecs.add_argument("--quick", action="store_true", help="three settings per codec, for a smoke run")
+
+    embed = sub.add_parser("embed", help="encode the chips of an output into a feature store (embed spec)")
+    embed.add_argument("spec", type=Path)
+    _cluster_args(embed)
+    embed.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    search = sub.add_parser("search", help="nearest chips in a feature store")
+    search.add_argument("store", type=Path)
+    query = search.add_mutually_exclusive_group()
+    query.add_argument("--chip", help="query with this chip's embedding")
+    query.add_argument("--vector", type=Path, help="query with a vector (.npy, .json list or text)")
+    search.add_argument(
+        "--bbox",
+        type=float,
+        nargs=4,
+        metavar=("W", "S", "E", "N"),
+        help="lon/lat box: alone, query with its chips; with --chip/--vector, search only inside it",
+    )
+    search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("--exact", action="store_true", help="exact search even when the store has an ANN index")
+    search.add_argument("--json", action="store_true", help="print the matches as JSON lines")
     return parser
 
 
@@ -266,12 +287,72 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
+    from eoprep.embed import embed, load_embed_spec
+    from eoprep.runtime import dask_client
+
+    spec = load_embed_spec(args.spec)
+    say = _say(console)
+    with dask_client(scheduler=args.scheduler, workers=args.workers, say=say) as client:
+        with Progress(
+            TextColumn("chips"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as bar:
+            task = bar.add_task("chips", total=None)
+            summary = embed(
+                spec,
+                client=client,
+                say=lambda m: bar.console.print(m, soft_wrap=True),
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    if args.json:
+        print(json.dumps(summary.to_dict(), default=str))
+        return 0
+    table = Table(title=f"feature store {summary.store}", show_header=False)
+    table.add_row("model", f"{summary.model} {summary.model_version} ({summary.dimension}-d)")
+    table.add_row("device", summary.device)
+    table.add_row("chips encoded", str(summary.chips_encoded))
+    table.add_row("chips already present", str(summary.chips_present))
+    table.add_row("chips not written upstream", str(summary.chips_skipped))
+    table.add_row("rows in store", str(summary.rows))
+    table.add_row("time", f"{summary.seconds:.1f} s ({summary.chips_per_s:.1f} chips/s)")
+    console.print(table)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace, console: Console) -> int:
+    from eoprep.embed import read_vector, search
+
+    vector = read_vector(args.vector) if args.vector else None
+    bbox = tuple(args.bbox) if args.bbox else None
+    matches = search(args.store, chip=args.chip, vector=vector, bbox=bbox, k=args.k, exact=True if args.exact else None)
+    if args.json:
+        for row in matches.drop(columns="geometry").to_dict(orient="records"):
+            print(json.dumps(row, default=str))
+        return 0
+    table = Table(title=f"{len(matches)} nearest chips in {args.store}")
+    for col in ("rank", "id", "score", "sensor", "start", "end"):
+        table.add_column(col)
+    for row in matches.itertuples():
+        table.add_row(
+            str(row.rank),
+            row.id,
+            f"{row.score:.4f}",
+            row.sensor,
+            f"{row.start_datetime:%Y-%m-%d}",
+            f"{row.end_datetime:%Y-%m-%d}",
+        )
+    console.print(table)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": _cmd_run,
     "demo": _cmd_demo,
     "serve-catalog": _cmd_serve,
     "inspect": _cmd_inspect,
     "bench": _cmd_bench,
+    "embed": _cmd_embed,
+    "search": _cmd_search,
 }
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import platform
 import time
-import traceback
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import numpy as np
 from distributed import Client, as_completed
@@ -22,13 +23,24 @@ from eoprep.chips import (
     build_chip,
     chip_quality,
     collection_layout,
+    item_fingerprint,
     plan_chips,
 )
 from eoprep.config import PipelineSpec
 from eoprep.errors import EoprepError
 from eoprep.grid import GlobalGrid
-from eoprep.sinks import CHIPS_STORE, ChipStore, ShardSlice, write_index, write_manifest, write_stac
-from eoprep.sources import aoi_geometry, search_items
+from eoprep.ops import OutputLock
+from eoprep.sinks import (
+    CHIPS_STORE,
+    ChipStore,
+    ShardSlice,
+    shard_slices,
+    write_index,
+    write_manifest,
+    write_stac,
+    write_taco,
+)
+from eoprep.sources import aoi_geometry, search_earthengine, search_items
 
 __all__ = ["ChipFailed", "RunSummary", "process_shard", "run_pipeline"]
 
@@ -46,6 +58,7 @@ class RunSummary:
     chips_planned: int = 0
     chips_written: int = 0
     chips_present: int = 0
+    chips_updated: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     bytes_written: int = 0
@@ -83,18 +96,19 @@ def process_shard(
     results: list[ChipResult] = []
     blocks: dict[str, list[np.ndarray]] = {key: [] for key in layouts}
     with rasterio.Env():
-        for plan in shard.plans:
-            result, arrays = _build_all(plan, layouts, options)
+        for position, plan in zip(shard.positions, shard.plans, strict=True):
+            stored = {key: store.read_chip(key, position) for key in layouts if plan.reuse.get(key)}
+            result, arrays = _build_all(plan, layouts, options, stored)
             results.append(result)
             for key in layouts:
                 blocks[key].append(arrays[key])
     for key, arrays in blocks.items():
-        store.write_slice(key, shard.start, np.stack(arrays))
+        store.write_slice(key, shard.positions, np.stack(arrays))
     return results
 
 
 def _build_all(
-    plan: ChipPlan, layouts: dict[str, CollectionLayout], options: _LoaderOptions
+    plan: ChipPlan, layouts: dict[str, CollectionLayout], options: _LoaderOptions, stored: dict[str, np.ndarray]
 ) -> tuple[ChipResult, dict[str, np.ndarray]]:
     arrays: dict[str, np.ndarray] = {}
     result = ChipResult(plan.id, written=True, attempts=0)
@@ -107,10 +121,25 @@ def _build_all(
                 retries=options.retries,
                 backoff=options.backoff,
                 composite=options.composite,
+                stored=stored.get(key),
             )
             arrays[key] = chip
             result.attempts += attempts
-            result.valid_fraction[key], result.cloud_fraction[key] = chip_quality(chip, layout)
+        # Co-registration needs every collection of the chip; quality is measured on what gets written.
+        from eoprep.align import coregister_chip
+        from eoprep.chips import quality_verdict
+
+        arrays, shifts = coregister_chip(arrays, layouts)
+        px = plan.grid.pixel_size
+        for key, layout in layouts.items():
+            result.valid_fraction[key], result.cloud_fraction[key] = chip_quality(arrays[key], layout)
+            result.shifts[key] = [
+                None if s is None else (s.dx * px, s.dy * px, s.confidence, s.applied) for s in shifts.get(key, [])
+            ]
+        result.reason = quality_verdict(result.valid_fraction, result.cloud_fraction, layouts)
+        if result.reason is not None:
+            result.written = False
+            arrays = {key: _empty(plan, layout) for key, layout in layouts.items()}
     except Exception as exc:
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         if options.on_error == "fail":
@@ -137,11 +166,15 @@ def run_pipeline(
     catalog_url: str | None = None,
     say: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    wait: bool = False,
 ) -> RunSummary:
-    """Run a spec on a Dask client and return the summary.
+    """Bring the output of a spec up to date on a Dask client and return the summary.
 
-    Everything that can be wrong with the input (spec, AOI, API, search, bands, an incompatible
-    existing output) is checked before the first byte is written.
+    New chips are appended, chips whose inputs changed (new scenes, re-processed items) or that an
+    interrupted run left unfinished are rewritten, everything else is left alone. Everything that
+    can be wrong with the input (spec, AOI, API, search, bands, an incompatible existing output) is
+    checked before the first byte is written; one writer per output is enforced by a lock
+    (``wait`` waits for it instead of failing).
     """
     started = time.perf_counter()
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -153,7 +186,10 @@ def run_pipeline(
     aoi = aoi_geometry(spec.source.aoi)
     cells = grid.cells_in_geometry(aoi)
     say(f"AOI covers {len(cells)} grid cells of {spec.grid.cell_size:g} m; searching {catalog_url or spec.source.url}")
-    items = search_items(spec.source, url=catalog_url, aoi=aoi)
+    if spec.source.kind == "earthengine":
+        items = search_earthengine(spec.source, aoi=aoi, client=client)
+    else:
+        items = search_items(spec.source, url=catalog_url, aoi=aoi)
     summary.items = {key: len(v) for key, v in items.items()}
     layouts = {c.key: collection_layout(spec, c, items[c.key]) for c in spec.source.collections}
     plans, notes = plan_chips(spec, grid, cells, items, layouts)
@@ -161,32 +197,75 @@ def run_pipeline(
     summary.chips_planned = len(plans)
     if not plans:
         raise EoprepError(f"source: no chip of the AOI has items in {spec.source.datetime}; nothing to write")
-    if store.exists():
-        store.check_compatible(spec, layouts)
-    present = set(store.chip_ids(next(iter(layouts)))) if store.exists() else set()
-    todo = [p for p in plans if p.id not in present]
-    summary.chips_present = len(plans) - len(todo)
-    bytes_before = store.bytes_stored()
-    if todo:
-        say(
-            f"{len(todo)} chips to write ({summary.chips_present} already in {out_dir}), "
-            f"{sum(summary.items.values())} items from {len(items)} collection(s)"
-        )
-        slices = store.allocate(spec, layouts, todo, _zarr_codecs(spec, layouts))
-        results = _execute(client, store, layouts, slices, spec, progress)
-        positions = {cid: i for i, cid in enumerate(store.chip_ids(next(iter(layouts))))}
-        store.record(layouts, positions, results)
-        summary.chips_written = sum(r.written for r in results)
-        summary.skipped = [(r.id, r.reason or "") for r in results if not r.written]
-        store.consolidate()
-    else:
-        say(f"all {len(plans)} chips are already in {out_dir}; nothing to write")
-    summary.bytes_written = store.bytes_stored() - bytes_before
-    table = write_index(out_dir, store.url)
-    write_stac(out_dir, table, name=spec.name, spec_hash=spec.spec_hash())
-    summary.seconds = time.perf_counter() - started
-    write_manifest(out_dir, run_id, _manifest(spec, summary, items))
+    with OutputLock(out_dir, wait=wait) if "://" not in spec.output.path else nullcontext():
+        if store.exists():
+            store.check_compatible(spec, layouts)
+        work, new = _triage(store, layouts, plans)
+        summary.chips_updated = len(work)
+        summary.chips_present = len(plans) - len(work) - len(new)
+        bytes_before = store.bytes_stored()
+        if work or new:
+            say(
+                f"{len(new)} new and {len(work)} changed or unfinished chips to write "
+                f"({summary.chips_present} up to date in {out_dir}), "
+                f"{sum(summary.items.values())} items from {len(items)} collection(s)"
+            )
+            if work:
+                store.reset(layouts, [pos for pos, _ in work], [plan for _, plan in work])
+            positions = [pos for pos, _ in work] + (
+                list(store.allocate(spec, layouts, new, _zarr_codecs(spec, layouts))) if new else []
+            )
+            todo = [plan for _, plan in work] + new
+            slices = shard_slices(positions, todo, spec.output.chips_per_shard)
+            results = _execute(client, store, layouts, slices, spec, progress)
+            summary.chips_written = sum(r.written for r in results)
+            summary.skipped = [(r.id, r.reason or "") for r in results if not r.written]
+            store.consolidate()
+        else:
+            say(f"nothing new: all {len(plans)} chips in {out_dir} are up to date with their inputs")
+        summary.bytes_written = store.bytes_stored() - bytes_before
+        table = write_index(out_dir, store.url)
+        if spec.output.format == "taco":
+            write_taco(out_dir, store.url, name=spec.name, split_size=spec.output.taco_shard_size, run_id=run_id)
+        write_stac(out_dir, table, name=spec.name, spec_hash=spec.spec_hash())
+        summary.seconds = time.perf_counter() - started
+        write_manifest(out_dir, run_id, _manifest(spec, summary, items, layouts))
     return summary
+
+
+def _triage(
+    store: ChipStore, layouts: dict[str, CollectionLayout], plans: Sequence[ChipPlan]
+) -> tuple[list[tuple[int, ChipPlan]], list[ChipPlan]]:
+    """Split planned chips into (position, plan) to rewrite and plans to append; up-to-date ones drop out.
+
+    A stored chip is rewritten when it was never finished or when any collection's slot signatures
+    changed; slots whose signatures form an unchanged prefix are reused rather than read again.
+    """
+    states = {key: store.states(key) for key in layouts}
+    first = next(iter(layouts))
+    work: list[tuple[int, ChipPlan]] = []
+    new: list[ChipPlan] = []
+    for plan in plans:
+        state = states[first].get(plan.id)
+        if state is None:
+            new.append(plan)
+            continue
+        old = {key: states[key][plan.id].inputs for key in layouts}
+        if state.written and all(old[key] == plan.inputs.get(key, []) for key in layouts):
+            continue
+        if state.written:
+            plan.reuse = {key: _common_prefix(old[key], plan.inputs.get(key, [])) for key in layouts}
+        work.append((state.position, plan))
+    return work, new
+
+
+def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _zarr_codecs(spec: PipelineSpec, layouts: dict[str, CollectionLayout]) -> dict[str, dict[str, Any]] | None:
@@ -216,40 +295,45 @@ def _execute(
     total = sum(len(s.plans) for s in slices)
     futures = [
         client.submit(
-            process_shard, store.url, layouts, s, options, key=f"eoprep-shard-{s.start}-{id(s)}", pure=False, retries=1
+            process_shard,
+            store.url,
+            layouts,
+            s,
+            options,
+            key=f"eoprep-shard-{s.positions[0]}-{uuid4().hex}",
+            pure=False,
+            retries=1,
         )
         for s in slices
     ]
+    where = {plan.id: pos for s in slices for pos, plan in zip(s.positions, s.plans, strict=True)}
     results: list[ChipResult] = []
-    done = 0
     if progress:
         progress(0, total)
-    try:
-        for future in as_completed(futures):
-            try:
-                shard_results = future.result()
-            except ChipFailed:
-                for other in futures:
-                    other.cancel()
-                raise
-            except Exception as exc:
-                if spec.loader.on_error == "fail":
-                    raise EoprepError(f"a shard task failed: {type(exc).__name__}: {_first_line(exc)}") from None
-                shard = slices[futures.index(future)]
-                reason = f"task failed: {type(exc).__name__}: {_first_line(exc)}"
-                shard_results = [ChipResult(p.id, written=False, reason=reason) for p in shard.plans]
-            results.extend(shard_results)
-            done += len(shard_results)
-            if progress:
-                progress(done, total)
-    finally:
-        if len(results) < total:
-            positions = {cid: i for i, cid in enumerate(store.chip_ids(next(iter(layouts))))}
-            store.record(layouts, positions, results)
+    for future in as_completed(futures):
+        try:
+            shard_results = future.result()
+        except ChipFailed:
+            for other in futures:
+                other.cancel()
+            raise
+        except Exception as exc:
+            if spec.loader.on_error == "fail":
+                raise EoprepError(f"a shard task failed: {type(exc).__name__}: {_first_line(exc)}") from None
+            shard = slices[futures.index(future)]
+            reason = f"task failed: {type(exc).__name__}: {_first_line(exc)}"
+            shard_results = [ChipResult(p.id, written=False, reason=reason) for p in shard.plans]
+        # Recorded shard by shard: a run killed now keeps what is done, the next run finishes the rest.
+        store.record(layouts, where, shard_results)
+        results.extend(shard_results)
+        if progress:
+            progress(len(results), total)
     return results
 
 
-def _manifest(spec: PipelineSpec, summary: RunSummary, items: dict[str, list[Any]]) -> dict[str, Any]:
+def _manifest(
+    spec: PipelineSpec, summary: RunSummary, items: dict[str, list[Any]], layouts: dict[str, CollectionLayout]
+) -> dict[str, Any]:
     from importlib.metadata import version
 
     deps = {}
@@ -258,6 +342,9 @@ def _manifest(spec: PipelineSpec, summary: RunSummary, items: dict[str, list[Any
             deps[name] = version(name)
         except Exception:
             deps[name] = None
+    stamps = [
+        str(it.properties.get("updated") or it.properties.get("datetime")) for its in items.values() for it in its
+    ]
     return {
         "run_id": summary.run_id,
         "eoprep_version": __version__,
@@ -265,11 +352,9 @@ def _manifest(spec: PipelineSpec, summary: RunSummary, items: dict[str, list[Any
         "dependencies": deps,
         "spec": spec.model_dump(mode="json"),
         "spec_hash": spec.spec_hash(),
-        "input_items": {key: [it.id for it in its] for key, its in items.items()},
+        "watermark": max(stamps) if stamps else None,
+        "input_items": {
+            key: {it.id: item_fingerprint(it, layouts[key].bands) for it in its} for key, its in items.items()
+        },
         "summary": summary.to_dict(),
     }
-
-
-def format_traceback(exc: BaseException) -> str:
-    """Full traceback text, for ``--debug``."""
-    return "".join(traceback.format_exception(exc))

@@ -9,7 +9,10 @@ Layout of group ``<key>`` (plain xarray/zarr can read it, no eoprep needed unles
     easting       (chip, x), northing (chip, y)   pixel-centre coordinates
     datetime      (chip, time)               acquisition (or period start), NaT where padded
     window_start, window_end (chip)
+    inputs        (chip)                     JSON list of per-slot input signatures (items + fingerprints)
     written, valid_fraction, cloud_fraction (chip)   filled in when a chip's shard is written
+    shift_x, shift_y, shift_confidence, shift_applied (chip, time)   co-registration: estimated shift
+                                             of each scene in metres east/north, its confidence, corrected or not
     band, scale, offset (band)               STAC asset keys and their raster:bands scale/offset
 
 Workers write whole shards (a shard-aligned slice of chips) in one assignment; zarr's local store
@@ -38,7 +41,8 @@ from eoprep.errors import EoprepError
 __all__ = ["CHIPS_STORE", "ChipStore"]
 
 CHIPS_STORE = "chips.zarr"
-_TIME_ENCODING = {"units": "microseconds since 1970-01-01", "dtype": "int64"}
+_NAT = np.iinfo(np.int64).min
+_TIME_ENCODING = {"units": "microseconds since 1970-01-01", "dtype": "int64", "_FillValue": _NAT}
 
 
 def _strings(values: Sequence[str]) -> np.ndarray:
@@ -52,10 +56,27 @@ def _naive_utc(ts: pd.Timestamp) -> np.datetime64:
 
 @dataclass(frozen=True)
 class ShardSlice:
-    """Consecutive chip positions inside one shard: the unit of work and of atomic writes."""
+    """Chip positions inside one shard: the unit of work, and of atomic writes when the shard is whole."""
 
-    start: int
+    positions: tuple[int, ...]
     plans: tuple[ChipPlan, ...]
+
+
+@dataclass(frozen=True)
+class ChipState:
+    """What the store knows of one chip: where it is, whether it was written, from which inputs."""
+
+    position: int
+    written: bool
+    inputs: list[str]
+
+
+def shard_slices(positions: Sequence[int], plans: Sequence[ChipPlan], per_shard: int) -> list[ShardSlice]:
+    """Group chips by the shard their position falls in, so no two tasks write the same shard."""
+    by_shard: dict[int, list[tuple[int, ChipPlan]]] = {}
+    for pos, plan in sorted(zip(positions, plans, strict=True), key=lambda pair: pair[0]):
+        by_shard.setdefault(pos // per_shard, []).append((pos, plan))
+    return [ShardSlice(tuple(p for p, _ in group), tuple(pl for _, pl in group)) for group in by_shard.values()]
 
 
 class ChipStore:
@@ -110,8 +131,8 @@ class ChipStore:
         layouts: dict[str, CollectionLayout],
         plans: Sequence[ChipPlan],
         codecs: dict[str, dict[str, Any]] | None = None,
-    ) -> list[ShardSlice]:
-        """Append the planned chips to every group (metadata only) and cut them into shard slices.
+    ) -> range:
+        """Append the planned chips to every group (metadata only); returns their positions.
 
         Chips are appended after the existing ones, so earlier full shards are never rewritten;
         only a trailing, partly filled shard is completed.
@@ -149,21 +170,51 @@ class ChipStore:
                     consolidated=False,
                     safe_chunks=False,
                 )
-        per_shard = spec.output.chips_per_shard
-        slices: list[ShardSlice] = []
-        pos = n0
-        remaining = list(plans)
-        while remaining:
-            take = per_shard - pos % per_shard
-            slices.append(ShardSlice(pos, tuple(remaining[:take])))
-            pos += len(remaining[:take])
-            remaining = remaining[take:]
-        return slices
+        return range(n0, n0 + len(plans))
 
-    def write_slice(self, key: str, start: int, data: np.ndarray) -> None:
-        """Write consecutive chips of one group; called on workers, one shard at a time."""
+    def write_slice(self, key: str, positions: Sequence[int], data: np.ndarray) -> None:
+        """Write chips of one group that share a shard; called on workers, one shard at a time."""
         arr = zarr.open_array(self.url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
-        arr[start : start + data.shape[0]] = data
+        start = positions[0]
+        if list(positions) == list(range(start, start + len(positions))):
+            arr[start : start + len(positions)] = data
+        else:
+            arr.oindex[list(positions)] = data
+
+    def read_chip(self, key: str, position: int) -> np.ndarray:
+        """One stored chip (time, band, y, x), e.g. to reuse its unchanged time slots."""
+        arr = zarr.open_array(self.url, path=f"{key}/pixels", mode="r", zarr_format=3)  # type: ignore[arg-type]
+        return arr[position]
+
+    def states(self, key: str) -> dict[str, ChipState]:
+        """Every allocated chip of a group by id."""
+        if not self.exists() or key not in self._root():
+            return {}
+        g = self._root()[key]
+        ids, written, inputs = g["chip"][:], g["written"][:], g["inputs"][:]
+        return {
+            str(cid): ChipState(i, bool(w), json.loads(str(inp)) if inp else [])
+            for i, (cid, w, inp) in enumerate(zip(ids, written, inputs, strict=True))
+        }
+
+    def reset(self, layouts: dict[str, CollectionLayout], positions: Sequence[int], plans: Sequence[ChipPlan]) -> None:
+        """Point existing chips at new inputs before they are rewritten; they read as unwritten until then."""
+        root = self._root("r+")
+        for key, layout in layouts.items():
+            g = root[key]
+            ds = _metadata_dataset(plans, layout)
+            times = ds["datetime"].values.astype("datetime64[us]").astype(np.int64)
+            times[np.isnat(ds["datetime"].values)] = _NAT
+            for name, values in (
+                ("datetime", times),
+                ("item_ids", ds["item_ids"].values),
+                ("inputs", ds["inputs"].values),
+                ("written", ds["written"].values),
+            ):
+                arr = g[name]
+                current = arr[:]
+                current[list(positions)] = values
+                arr[:] = current
 
     def record(
         self, layouts: dict[str, CollectionLayout], positions: dict[str, int], results: Sequence[ChipResult]
@@ -181,6 +232,8 @@ class ChipStore:
                 v[i] = res.valid_fraction.get(key, np.nan)
                 c[i] = res.cloud_fraction.get(key, np.nan)
             written[:], valid[:], cloud[:] = w, v, c
+            if any(key in res.shifts for res in results) and "shift_x" in root[key]:
+                _record_shifts(root[key], key, positions, results)
 
     def consolidate(self) -> None:
         """Refresh consolidated metadata so `xr.open_zarr` opens the store in one read."""
@@ -216,6 +269,26 @@ def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[s
     }
 
 
+_SHIFT_ATTRS = {
+    "shift_x": {"units": "m", "long_name": "estimated shift of the scene against the reference, east"},
+    "shift_y": {"units": "m", "long_name": "estimated shift of the scene against the reference, north"},
+    "shift_confidence": {"units": "1", "long_name": "margin of the best match over the best rival match"},
+}
+
+
+def _record_shifts(group: zarr.Group, key: str, positions: dict[str, int], results: Sequence[ChipResult]) -> None:
+    """Per chip and time step: the estimated shift (metres), its confidence and whether it was corrected."""
+    arrays = [group[name] for name in (*_SHIFT_ATTRS, "shift_applied")]
+    values = [arr[:] for arr in arrays]
+    for res in results:
+        for t, entry in enumerate(res.shifts.get(key, [])):
+            if entry is not None:
+                for column, value in zip(values, entry, strict=True):
+                    column[positions[res.id], t] = value
+    for arr, column in zip(arrays, values, strict=True):
+        arr[:] = column
+
+
 def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:
     """Coordinates of the planned chips, with a lazy (never computed) pixel variable to shape the array."""
     import dask.array as da
@@ -224,7 +297,8 @@ def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr
     times = np.full((n, layout.n_time), np.datetime64("NaT"), dtype="datetime64[ns]")
     for i, plan in enumerate(plans):
         for t, slot in enumerate(plan.slots.get(layout.key, [])):
-            times[i, t] = _naive_utc(slot.time)
+            if not pd.isna(slot.time):
+                times[i, t] = _naive_utc(slot.time)
     offsets = np.arange(size) + 0.5
     shape = (n, layout.n_time, len(layout.bands), size, size)
     pixels = da.zeros(shape, dtype=layout.dtype, chunks=(1, *shape[1:]))
@@ -242,6 +316,7 @@ def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr
             "crs": ("chip", _strings([p.grid.crs for p in plans])),
             "footprint": ("chip", _strings([p.footprint_wkt for p in plans])),
             "item_ids": ("chip", _strings([json.dumps(p.item_ids(layout.key)) for p in plans])),
+            "inputs": ("chip", _strings([json.dumps(p.inputs.get(layout.key, [])) for p in plans])),
             "transform": (
                 ("chip", "affine"),
                 np.array([[p.grid.x0, p.grid.pixel_size, 0.0, p.grid.y0, 0.0, -p.grid.pixel_size] for p in plans]),
@@ -254,6 +329,11 @@ def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr
             "written": ("chip", np.zeros(n, dtype=bool)),
             "valid_fraction": ("chip", np.full(n, np.nan, dtype=np.float32)),
             "cloud_fraction": ("chip", np.full(n, np.nan, dtype=np.float32)),
+            **{
+                name: (("chip", "time"), np.full((n, layout.n_time), np.nan, dtype=np.float32), attrs)
+                for name, attrs in _SHIFT_ATTRS.items()
+            },
+            "shift_applied": (("chip", "time"), np.zeros((n, layout.n_time), dtype=bool)),
             "band": ("band", _strings(layout.bands)),
             "scale": ("band", np.array(layout.scale)),
             "offset": ("band", np.array(layout.offset)),

@@ -11,8 +11,10 @@ import shapely
 from pyproj import CRS, Transformer
 from pystac_client import Client
 from pystac_client.exceptions import APIError
+from pystac_client.stac_api_io import StacApiIO
 from shapely.geometry import box, shape
 from shapely.ops import transform as shapely_transform
+from urllib3.util.retry import Retry
 
 from eoprep.config import AoiSpec, SourceSpec
 from eoprep.errors import EoprepError
@@ -70,7 +72,20 @@ def _read_geojson(aoi: AoiSpec) -> shapely.Geometry:
     return shapely.union_all(geoms)
 
 
-def _open_client(url: str, sign: str | None) -> Client:
+def _stac_io(retries: int, timeout: float) -> StacApiIO:
+    """HTTP for the API with retries: 429/5xx and timeouts back off exponentially (searches are POSTs too)."""
+    retry = Retry(
+        total=retries,
+        connect=min(retries, 2),
+        backoff_factor=0.5,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None,
+        raise_on_status=False,
+    )
+    return StacApiIO(timeout=timeout, max_retries=retry)
+
+
+def _open_client(url: str, sign: str | None, retries: int, timeout: float) -> Client:
     modifier = None
     if sign == "planetary-computer":
         try:
@@ -81,7 +96,7 @@ def _open_client(url: str, sign: str | None) -> Client:
             ) from None
         modifier = planetary_computer.sign_inplace
     try:
-        return Client.open(url, modifier=modifier, timeout=30)
+        return Client.open(url, modifier=modifier, stac_io=_stac_io(retries, timeout))
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise EoprepError(f"source.url: cannot reach the STAC API at {url} ({type(exc).__name__})") from None
     except APIError as exc:
@@ -118,7 +133,7 @@ def search_items(
     """
     api = url or source.url
     geom = aoi if aoi is not None else aoi_geometry(source.aoi)
-    client = _open_client(api, source.sign)
+    client = _open_client(api, source.sign, source.retries, source.timeout)
     start, end = source.time_range
     found: dict[str, list[pystac.Item]] = {}
     for i, coll in enumerate(source.collections):

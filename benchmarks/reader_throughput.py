@@ -1,0 +1,215 @@
+"""Training-reader throughput: Zarr (lossless, lossy) and TACO vs reading the source COG windows, same run.
+
+One run on this machine:
+
+* outputs: the demo AOI run through ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with
+  the default zstd + TACO shards, and Zarr with a lossy codec (``output.codec``, default h265 quality 20);
+* readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4) with 0 and 2 workers, one full epoch,
+  all groups (s2 + s1), second epoch with persistent workers; MB/s counts decoded pixel bytes;
+* baseline: the same chips read as windows from the source COGs with rasterio (every scene and band of
+  the chip, onto the chip grid, file handles cached per process), in the same DataLoader settings;
+* CNN: a small conv net training step on the s2 batches; the ratio is (epoch time fed by a 2-worker
+  DataLoader) / (the same steps on batches already in memory). Near 1 means the reader keeps up.
+
+    .venv/bin/python benchmarks/reader_throughput.py [--codec '{"name": "h265", "quality": 20}'] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+import xarray as xr
+from rasterio.enums import Resampling
+from rasterio.windows import from_bounds
+from torch.utils.data import DataLoader, Dataset
+
+from eoprep.catalog_server import LocalStacServer
+from eoprep.config import parse_spec
+from eoprep.demo import DEMO_BBOX, DEMO_DATETIME, S1_COLLECTION, S2_COLLECTION
+from eoprep.embedded import demo_archive
+from eoprep.pipeline import run_pipeline
+from eoprep.readers import ChipIterableDataset
+from eoprep.runtime import dask_client
+
+GROUPS = {"s2": (S2_COLLECTION, ["B02", "B03", "B04", "B08", "B11", "B12", "SCL"]), "s1": (S1_COLLECTION, ["vv", "vh"])}
+
+
+def spec_for(out: Path, *, fmt: str, codec: dict[str, Any] | None) -> Any:
+    return parse_spec(
+        {
+            "name": "reader-bench",
+            "source": {
+                "url": "embedded",
+                "collections": [{"id": cid, "name": key, "bands": bands} for key, (cid, bands) in GROUPS.items()],
+                "aoi": {"bbox": list(DEMO_BBOX)},
+                "datetime": DEMO_DATETIME,
+            },
+            "grid": {"cell_size": 1280, "pixel_size": 10},
+            "time": {"mode": "scenes", "max_scenes": 8},
+            "output": {
+                "path": str(out),
+                "chips_per_shard": 8,
+                "format": fmt,
+                "codec": codec,
+                "taco_shard_size": "64MB",
+            },
+        }
+    )
+
+
+@cache
+def _open(href: str) -> Any:
+    return rasterio.open(href)
+
+
+class CogWindows(Dataset):
+    """The baseline: each chip read from the source COGs (one window per scene and band), no eoprep output."""
+
+    def __init__(self, store: Path, hrefs: dict[str, dict[str, dict[str, str]]]) -> None:
+        self.chips = []
+        for key in GROUPS:
+            ds = xr.open_zarr(store, group=key).drop_vars("pixels")
+            for i in range(ds.sizes["chip"]):
+                if len(self.chips) <= i:
+                    self.chips.append({"transform": ds["transform"].values[i], "size": ds.sizes["x"], "items": {}})
+                self.chips[i]["items"][key] = json.loads(str(ds["item_ids"].values[i]))
+        self.hrefs = hrefs
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        chip = self.chips[i]
+        x0, res, _, y0, _, _ = chip["transform"]
+        size = chip["size"]
+        bounds = (x0, y0 - size * res, x0 + size * res, y0)
+        out = {}
+        for key, (_, bands) in GROUPS.items():
+            planes = []
+            for item in chip["items"][key]:
+                for band in bands:
+                    src = _open(self.hrefs[key][item][band])
+                    window = from_bounds(*bounds, transform=src.transform)
+                    planes.append(src.read(1, window=window, out_shape=(size, size), resampling=Resampling.nearest))
+            out[key] = torch.from_numpy(np.stack(planes))
+        return {"pixels": out}
+
+
+def epoch(loader: DataLoader) -> tuple[int, int, float]:
+    start = time.perf_counter()
+    n = nbytes = 0
+    for batch in loader:
+        for t in batch["pixels"].values():
+            nbytes += t.numel() * t.element_size()
+        n += len(next(iter(batch["pixels"].values())))
+    return n, nbytes, time.perf_counter() - start
+
+
+def measure(name: str, make: Any, results: dict[str, Any]) -> None:
+    """Second epoch of a loader whose workers persist: steady state, worker start-up not counted."""
+    for workers in (0, 2):
+        loader = DataLoader(make(), batch_size=4, num_workers=workers, persistent_workers=workers > 0)
+        epoch(loader)
+        n, nbytes, seconds = epoch(loader)
+        results[f"{name} w{workers}"] = {"samples_per_s": n / seconds, "mb_per_s": nbytes / 1e6 / seconds, "n": n}
+        print(f"{name:<22} workers={workers}  {n / seconds:8.1f} samples/s  {nbytes / 1e6 / seconds:8.1f} MB/s")
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def to_input(batch: dict[str, Any]) -> torch.Tensor:
+    s2 = batch["pixels"]["s2"]
+    return s2.reshape(s2.shape[0], -1, *s2.shape[-2:]).to(torch.float32) / 10000
+
+
+def cnn_ratio(make: Any) -> dict[str, float]:
+    """Seconds per epoch fed by a 2-worker DataLoader over seconds for the same steps on cached batches."""
+    cached = [to_input(b) for b in DataLoader(make(), batch_size=4, num_workers=0)]
+    model = SmallCNN(cached[0].shape[1])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step(x: torch.Tensor) -> None:
+        opt.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        opt.step()
+
+    step(cached[0])
+    start = time.perf_counter()
+    for x in cached:
+        step(x)
+    compute = time.perf_counter() - start
+    loader = DataLoader(make(), batch_size=4, num_workers=2, persistent_workers=True)
+    for batch in loader:
+        step(to_input(batch))
+    start = time.perf_counter()
+    for batch in loader:
+        step(to_input(batch))
+    fed = time.perf_counter() - start
+    print(f"small CNN: {compute:.2f} s on cached batches, {fed:.2f} s fed by 2 workers, ratio {fed / compute:.2f}")
+    return {"compute_s": compute, "fed_s": fed, "ratio": fed / compute}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--codec", default='{"name": "h265", "quality": 20}', help="lossy output.codec (JSON)")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    archive = demo_archive(say=print)
+    hrefs: dict[str, dict[str, dict[str, str]]] = {key: {} for key in GROUPS}
+    for item in archive.items:
+        for key, (cid, bands) in GROUPS.items():
+            if item["collection"] == cid:
+                hrefs[key][item["id"]] = {b: item["assets"][b]["href"].removeprefix("file://") for b in bands}
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with LocalStacServer(root / "catalog") as server, dask_client(workers=2, say=lambda _m: None) as client:
+            server.load(archive.collections, archive.items)
+            for name, fmt, codec in (("zstd", "taco", None), ("lossy", "zarr", json.loads(args.codec))):
+                summary = run_pipeline(
+                    spec_for(root / name, fmt=fmt, codec=codec), client=client, catalog_url=server.url, say=print
+                )
+                print(f"{name}: {summary.chips_written} chips, {summary.bytes_written / 1e6:.1f} MB stored")
+        zstd, lossy = root / "zstd", root / "lossy"
+        measure("COG windows (rasterio)", lambda: CogWindows(zstd / "chips.zarr", hrefs), results)
+        measure("Zarr zstd", lambda: ChipIterableDataset(zstd, format="zarr", seed=0), results)
+        measure(f"Zarr {json.loads(args.codec)['name']}", lambda: ChipIterableDataset(lossy, format="zarr"), results)
+        measure("TACO", lambda: ChipIterableDataset(zstd, format="taco", seed=0), results)
+        for key, value in list(results.items()):
+            base = results[f"COG windows (rasterio) {key.rsplit(' ', 1)[1]}"]["samples_per_s"]
+            value["x_cog"] = value["samples_per_s"] / base
+            print(f"{key:<30} {value['x_cog']:6.1f}x the COG window reads")
+        results["cnn_zarr"] = cnn_ratio(lambda: ChipIterableDataset(zstd, format="zarr", groups=["s2"]))
+        results["cnn_taco"] = cnn_ratio(lambda: ChipIterableDataset(zstd, format="taco", groups=["s2"]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

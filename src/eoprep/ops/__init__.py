@@ -1,0 +1,8 @@
+"""Ops: what makes unattended runs safe — an output lock, and a cron schedule for nightly refreshes."""
+
+from __future__ import annotations
+
+from eoprep.ops._cron import CronSchedule
+from eoprep.ops._lock import OutputLock
+
+__all__ = ["CronSchedule", "OutputLock"]

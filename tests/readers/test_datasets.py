@@ -1,0 +1,203 @@
+"""PyTorch readers over the Zarr store and the TACO shards of one real run."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_spec
+from eoprep.pipeline import run_pipeline
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tacotoolbox")
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+from eoprep.readers import (  # noqa: E402
+    ChipDataset,
+    ChipIterableDataset,
+    ChipSampler,
+    ShardError,
+    as_torchgeo,
+    epoch_order,
+    partition,
+)
+from eoprep.splits import read_splits, write_splits  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chips_out(stac_api, client, tmp_path_factory):
+    """An output with 2-chip Zarr shards and small TACO shards (several of each)."""
+    out = tmp_path_factory.mktemp("readers") / "out"
+    spec = make_spec(out, output__format="taco", output__taco_shard_size="3MB", output__chips_per_shard=2)
+    run_pipeline(spec, client=client, catalog_url=stac_api, say=lambda _m: None)
+    return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.numpy().tobytes() == b.numpy().tobytes()
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_zarr_and_taco_datasets_return_the_same_samples(chips_out, url):
+    base = f"file://{chips_out}" if url else str(chips_out)
+    zarr_ds = ChipDataset(base, format="zarr")
+    taco_ds = ChipDataset(f"{base}/taco")
+    assert len(zarr_ds) == len(taco_ds) > 4
+    by_id = {zarr_ds.records[i].id: i for i in range(len(zarr_ds))}
+    for j in range(len(taco_ds)):
+        t = taco_ds[j]
+        z = zarr_ds[by_id[t["id"]]]
+        assert (z["cell"], z["crs"]) == (t["cell"], t["crs"]) and torch.equal(z["transform"], t["transform"])
+        for g in ("s1", "s2"):
+            assert _same(z["pixels"][g], t["pixels"][g]) and torch.equal(z["datetime"][g], t["datetime"][g])
+    sample = zarr_ds[0]
+    assert sample["pixels"]["s2"].shape == (8, 7, 128, 128) and sample["pixels"]["s2"].dtype == torch.uint16
+    assert sample["pixels"]["s1"].dtype == torch.float32 and sample["datetime"]["s2"].dtype == torch.int64
+
+
+def test_band_selection_transform_and_features(chips_out, tmp_path):
+    ids = [r.id for r in ChipDataset(chips_out).records]
+    store = tmp_path / "features.parquet"
+    vectors = np.arange(len(ids) * 4, dtype=np.float32).reshape(-1, 4)
+    pq.write_table(pa.table({"id": ids, "embedding": vectors.tolist()}), store)
+
+    def to_float(sample):
+        sample["image"] = sample["pixels"]["s2"].to(torch.float32) / 10000
+        return sample
+
+    for fmt in ("zarr", "taco"):
+        ds = ChipDataset(
+            chips_out, format=fmt, groups=["s2"], bands={"s2": ["B08", "B04"]}, features=str(store), transform=to_float
+        )
+        full = ChipDataset(chips_out, format=fmt)
+        i = 2
+        s, f = ds[i], full[i]
+        assert list(s["pixels"]) == ["s2"] and ds.bands == {"s2": ("B08", "B04")}
+        np.testing.assert_array_equal(s["pixels"]["s2"].numpy(), f["pixels"]["s2"].numpy()[:, [3, 2]])
+        assert s["image"].dtype == torch.float32
+        np.testing.assert_array_equal(s["embedding"].numpy(), vectors[ids.index(s["id"])])
+    with pytest.raises(Exception, match=r"bands\['s2'\]: \['B99'\] not in the output"):
+        ChipDataset(chips_out, bands={"s2": ["B99"]})
+
+
+def test_partition_and_epoch_order_tile_every_epoch():
+    shards = [f"shard{i // 3}" for i in range(41)]
+    for epoch in range(3):
+        order = epoch_order(shards, seed=5, epoch=epoch, shuffle=True)
+        assert sorted(order) == list(range(41))
+        # chips of one shard stay together, so each worker touches few shards
+        runs = [shards[i] for i in order]
+        assert sum(a != b for a, b in zip(runs, runs[1:], strict=False)) == len(set(shards)) - 1
+        for world, workers in [(1, 1), (2, 3), (3, 2), (4, 4)]:
+            got = [
+                order[partition(41, world, r)][partition(len(order[partition(41, world, r)]), workers, w)]
+                for r in range(world)
+                for w in range(workers)
+            ]
+            flat = np.concatenate(got)
+            assert sorted(flat) == list(range(41))
+            sizes = [len(g) for g in got]
+            assert max(sizes) - min(sizes) <= 1
+    a = epoch_order(shards, seed=5, epoch=0, shuffle=True)
+    assert np.array_equal(a, epoch_order(shards, seed=5, epoch=0, shuffle=True))
+    assert not np.array_equal(a, epoch_order(shards, seed=5, epoch=1, shuffle=True))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "taco"])
+def test_dataloader_workers_and_ranks_read_each_chip_once_per_epoch(chips_out, fmt):
+    all_ids = sorted(r.id for r in ChipDataset(chips_out, format=fmt).records)
+    orders = {}
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            ds = ChipIterableDataset(chips_out, format=fmt, groups=["s1"], seed=11, rank=rank, world_size=2)
+            ds.set_epoch(epoch)
+            loader = DataLoader(ds, batch_size=2, num_workers=2)
+            ids = [i for batch in loader for i in batch["id"]]
+            assert abs(len(ids) - len(all_ids) / 2) <= 1
+            seen += ids
+        assert sorted(seen) == all_ids and not [k for k, n in Counter(seen).items() if n > 1]
+        orders[epoch] = [ds.plan(w, 2) for w in range(2)]
+    assert orders[0] != orders[1]
+    sampler = ChipSampler(ChipDataset(chips_out, format=fmt), seed=11, rank=1, world_size=2)
+    other = ChipSampler(ChipDataset(chips_out, format=fmt), seed=11, rank=0, world_size=2)
+    assert sorted([*sampler, *other]) == list(range(len(all_ids)))
+
+
+def test_geographic_split_filters_chips(chips_out):
+    write_splits(chips_out, block_size=1, buffer=0, fractions={"train": 0.5, "test": 0.5}, seed=2)
+    table = read_splits(chips_out)
+    parts = {}
+    for split in ("train", "test"):
+        ds = ChipDataset(chips_out, format="taco", split=split)
+        parts[split] = {r.cell for r in ds.records}
+        assert parts[split] <= set(table.loc[table["split"] == split, "cell"])
+    assert parts["train"] and parts["test"] and not parts["train"] & parts["test"]
+    assert len(ChipDataset(chips_out, split="train")) + len(ChipDataset(chips_out, split="test")) == len(
+        ChipDataset(chips_out)
+    )
+
+
+@pytest.fixture
+def damaged(chips_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(chips_out, out)
+    return out
+
+
+def test_missing_or_truncated_shards_raise_naming_the_shard(damaged):
+    zarr_ds = ChipDataset(damaged, format="zarr")
+    (damaged / "chips.zarr" / "s1" / "pixels" / "c" / "1" / "0" / "0" / "0" / "0").unlink()
+    with pytest.raises(ShardError, match=r"shard .*chips.zarr/s1/pixels/c/1/0/0/0/0 is missing"):
+        zarr_ds[2]
+    s2_shard = damaged / "chips.zarr" / "s2" / "pixels" / "c" / "2" / "0" / "0" / "0" / "0"
+    s2_shard.write_bytes(s2_shard.read_bytes()[:-100])
+    with pytest.raises(ShardError, match=r"chips.zarr/s2/pixels/c/2/0/0/0/0 does not decode"):
+        ChipDataset(damaged, format="zarr", groups=["s2"])[4]
+
+    shards = sorted((damaged / "taco").glob("*.tacozip"))
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[: shards[1].stat().st_size // 2])
+    taco_ds = ChipDataset(damaged, format="taco")
+    first = next(i for i, r in enumerate(taco_ds.records) if r.shard == shards[0].name)
+    with pytest.raises(ShardError, match=rf"shard .*{shards[0].name} is missing"):
+        taco_ds[first]
+    second = next(i for i, r in enumerate(taco_ds.records) if r.shard == shards[1].name)
+    with pytest.raises(ShardError, match=rf"shard .*{shards[1].name} is truncated"):
+        taco_ds[second]
+
+
+def test_bad_shards_are_skipped_with_a_warning_only_when_asked(damaged):
+    shards = sorted((damaged / "taco").glob("*.tacozip"))
+    payload = bytearray(shards[0].read_bytes())
+    payload[400:408] = b"\xff" * 8  # inside the first payload: same size, wrong bytes
+    shards[0].write_bytes(bytes(payload))
+    full = ChipDataset(damaged, format="taco")
+    with pytest.raises(ShardError, match=rf"{shards[0].name} is corrupt"):
+        [full[i] for i in range(len(full))]
+    shards[1].unlink()
+    with pytest.warns(UserWarning, match=rf"{shards[1].name} is missing"):
+        kept = ChipDataset(damaged, format="taco", on_error="skip")
+    assert len(kept) == len(full) - sum(r.shard == shards[1].name for r in full.records)
+    stream = ChipIterableDataset(damaged, format="taco", shuffle=False, on_error="skip")
+    with pytest.warns(UserWarning, match="skipping the rest of a shard"):
+        ids = [s["id"] for s in stream]
+    bad = {r.id for r in full.records if r.shard in (shards[0].name, shards[1].name)}
+    assert set(ids) == {r.id for r in full.records} - bad
+
+
+def test_torchgeo_adapter(chips_out):
+    pytest.importorskip("torchgeo")
+    from torchgeo.datasets import NonGeoDataset
+
+    ds = as_torchgeo(ChipDataset(chips_out, groups=["s2"], bands={"s2": ["B04", "B08"]}))
+    assert isinstance(ds, NonGeoDataset) and len(ds) > 0
+    assert ds[0]["image"].shape == (16, 128, 128) and ds[0]["image"].dtype == torch.float32
