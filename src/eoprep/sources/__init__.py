@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from eoprep.sources._earthengine import earthengine_cube, search_earthengine
 from eoprep.sources._loaders import ChipGrid, read_items
 from eoprep.sources._stac import aoi_geometry, search_items
 
-__all__ = ["ChipGrid", "aoi_geometry", "read_items", "search_items"]
+__all__ = ["ChipGrid", "aoi_geometry", "earthengine_cube", "read_items", "search_earthengine", "search_items"]

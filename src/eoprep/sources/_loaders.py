@@ -56,6 +56,10 @@ def read_items(
     """
     if not items:
         return np.full((0, len(bands), grid.size, grid.size), nodata, dtype=dtype)
+    if engine == "earthengine" or str(next(iter(items[0]["assets"].values()))["href"]).startswith("ee://"):
+        from eoprep.sources._earthengine import read_earthengine
+
+        return read_earthengine(items, bands, grid, dtype=dtype, nodata=nodata)
     if engine == "odc-stac":
         return _read_odc(items, bands, grid, dtype, nodata, resampling)
     if engine == "stackstac":
