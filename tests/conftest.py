@@ -42,17 +42,25 @@ def _broken_copy(archive: DemoArchive, root: Path) -> tuple[dict[str, Any], list
 
 
 @pytest.fixture(scope="session")
-def stac_api(demo_archive: DemoArchive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The demo archive (plus a collection with one corrupt COG) served by a real pgstac STAC API."""
+def stac_server(demo_archive: DemoArchive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStacServer]:
+    """The demo archive (plus a collection with one corrupt COG) served by a real pgstac STAC API.
+
+    Tests that add or change items do so in collections of their own, so the demo stays as generated.
+    """
     root = tmp_path_factory.mktemp("catalog")
     broken, broken_items = _broken_copy(demo_archive, root)
     server = LocalStacServer(root)
     server.start()
     try:
         server.load([*demo_archive.collections, broken], [*demo_archive.items, *broken_items])
-        yield server.url
+        yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="session")
+def stac_api(stac_server: LocalStacServer) -> str:
+    return stac_server.url
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--catalog", help="STAC API URL to use instead of the spec's source.url")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    refresh = sub.add_parser("refresh", help="bring an output up to date: only new or changed inputs are fetched")
+    refresh.add_argument("spec", type=Path)
+    _cluster_args(refresh)
+    refresh.add_argument("--catalog", help="STAC API URL to use instead of the spec's source.url")
+    refresh.add_argument("--wait", action="store_true", help="wait for a refresh already writing this output")
+    refresh.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    schedule = sub.add_parser("schedule", help="run refreshes on a cron schedule (UTC) until SIGTERM/Ctrl-C")
+    schedule.add_argument("spec", type=Path)
+    schedule.add_argument("--cron", required=True, help='five-field cron expression, e.g. "0 2 * * *"')
+    _cluster_args(schedule)
+    schedule.add_argument("--catalog", help="STAC API URL to use instead of the spec's source.url")
+
     demo = sub.add_parser("demo", help="generate the demo archive, serve it and run the demo pipeline on it")
     demo.add_argument("--output", default="out/demo", help="output directory (default: out/demo)")
     _cluster_args(demo)
@@ -134,6 +147,7 @@ def _run_spec(spec: PipelineSpec, args: argparse.Namespace, console: Console, ca
                 catalog_url=catalog,
                 say=lambda m: bar.console.print(m, soft_wrap=True),
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                wait=getattr(args, "wait", False),
             )
     if getattr(args, "json", False):
         print(json.dumps(summary.to_dict(), default=str))
@@ -149,7 +163,8 @@ def _print_summary(console: Console, summary: object) -> None:
     table = Table(title=f"run {summary.run_id}", show_header=False)
     table.add_row("output", summary.output)
     table.add_row("chips written", str(summary.chips_written))
-    table.add_row("chips already present", str(summary.chips_present))
+    table.add_row("  of which rewritten (inputs changed)", str(summary.chips_updated))
+    table.add_row("chips up to date", str(summary.chips_present))
     table.add_row("chips skipped", str(len(summary.skipped)))
     table.add_row("bytes written", f"{summary.bytes_written / 1e6:.1f} MB")
     table.add_row("time", f"{summary.seconds:.1f} s ({summary.mb_per_s:.1f} MB/s stored)")
@@ -166,6 +181,28 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     with embedded_catalog(say=_say(console)) as url:
         return _run_spec(spec, args, console, url)
+
+
+def _cmd_schedule(args: argparse.Namespace, console: Console) -> int:
+    import datetime as dt
+
+    from eoprep.ops import CronSchedule
+
+    cron = CronSchedule.parse(args.cron)
+    load_spec(args.spec)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.is_set():
+        when = cron.next_after(dt.datetime.now(dt.UTC))
+        console.print(f"next refresh of {args.spec} at {when:%Y-%m-%d %H:%M} UTC", soft_wrap=True)
+        if stop.wait(max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())):
+            break
+        try:
+            _cmd_run(args, console)
+        except EoprepError as exc:
+            console.print(f"[bold red]refresh failed:[/] {exc}", soft_wrap=True)
+    console.print("schedule stopped")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
@@ -303,6 +340,7 @@ def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
                 client=client,
                 say=lambda m: bar.console.print(m, soft_wrap=True),
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                wait=getattr(args, "wait", False),
             )
     if args.json:
         print(json.dumps(summary.to_dict(), default=str))
@@ -347,6 +385,8 @@ def _cmd_search(args: argparse.Namespace, console: Console) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": _cmd_run,
+    "refresh": _cmd_run,
+    "schedule": _cmd_schedule,
     "demo": _cmd_demo,
     "serve-catalog": _cmd_serve,
     "inspect": _cmd_inspect,
