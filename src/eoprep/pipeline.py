@@ -32,6 +32,7 @@ from eoprep.grid import GlobalGrid
 from eoprep.ops import OutputLock
 from eoprep.sinks import (
     CHIPS_STORE,
+    INDEX_FILE,
     ChipStore,
     ShardSlice,
     shard_slices,
@@ -224,10 +225,11 @@ def run_pipeline(
         else:
             say(f"nothing new: all {len(plans)} chips in {out_dir} are up to date with their inputs")
         summary.bytes_written = store.bytes_stored() - bytes_before
-        table = write_index(out_dir, store.url)
-        if spec.output.format == "taco":
-            write_taco(out_dir, store.url, name=spec.name, split_size=spec.output.taco_shard_size, run_id=run_id)
-        write_stac(out_dir, table, name=spec.name, spec_hash=spec.spec_hash())
+        if work or new or not (out_dir / INDEX_FILE).exists():
+            table = write_index(out_dir, store.url)
+            if spec.output.format == "taco":
+                write_taco(out_dir, store.url, name=spec.name, split_size=spec.output.taco_shard_size, run_id=run_id)
+            write_stac(out_dir, table, name=spec.name, spec_hash=spec.spec_hash())
         summary.seconds = time.perf_counter() - started
         write_manifest(out_dir, run_id, _manifest(spec, summary, items, layouts))
     return summary

@@ -1,0 +1,129 @@
+"""Incremental refresh against a full rebuild, measured in one run on the real local STAC API.
+
+An archive of N Sentinel-2 dates over many chips is built with N-1 dates; then
+
+* a no-op refresh (nothing new) runs, and
+* the N-th date is published and a refresh picks it up,
+
+and both are compared with a full rebuild over all N dates (fresh output, same cluster). Targets:
+the no-op refresh writes 0 chunk bytes and costs < 5 % of a full run; adding one date of N costs
+at most 1.5/N of a full run.
+
+    .venv/bin/python benchmarks/refresh.py [--workers 2] [--engine odc-stac] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from eoprep.catalog_server import LocalStacServer
+from eoprep.config import parse_spec
+from eoprep.demo import DEMO_DATETIME, S2_COLLECTION, generate_archive
+from eoprep.pipeline import RunSummary, run_pipeline
+from eoprep.runtime import dask_client
+
+ARCHIVE_BBOX = (9.00, 45.40, 9.14, 45.50)
+AOI = [9.01, 45.41, 9.13, 45.49]
+BANDS = ["B02", "B03", "B04", "B08", "B11", "B12", "SCL"]
+COLLECTION = "bench-refresh-s2"
+
+
+def _spec(url: str, out: Path, engine: str):
+    return parse_spec(
+        {
+            "name": "bench-refresh",
+            "source": {
+                "url": url,
+                "collections": [{"id": COLLECTION, "name": "s2", "bands": BANDS}],
+                "aoi": {"bbox": AOI},
+                "datetime": DEMO_DATETIME,
+            },
+            "grid": {"cell_size": 2560, "pixel_size": 10},
+            "time": {"mode": "scenes", "max_scenes": 8},
+            "loader": {"engine": engine},
+            "output": {"path": str(out), "chips_per_shard": 4},
+        }
+    )
+
+
+def _timed(run) -> tuple[RunSummary, float]:
+    start = time.perf_counter()
+    summary = run()
+    return summary, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--engine", default="odc-stac", choices=["odc-stac", "stackstac", "rasterio"])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="eoprep-bench-refresh-") as tmp:
+        root = Path(tmp)
+        print("generating the archive …", flush=True)
+        archive = generate_archive(root / "archive", bbox=ARCHIVE_BBOX)
+        coll = copy.deepcopy(next(c for c in archive.collections if c["id"] == S2_COLLECTION))
+        coll["id"] = COLLECTION
+        items = [
+            dict(copy.deepcopy(i), collection=COLLECTION) for i in archive.items if i["collection"] == S2_COLLECTION
+        ]
+        n = len(items)
+        server = LocalStacServer(root / "catalog")
+        server.start()
+        try:
+            server.load([coll], items[: n - 1])
+            with dask_client(workers=args.workers, say=lambda _m: None) as client:
+
+                def run(out: str):
+                    return lambda: run_pipeline(
+                        _spec(server.url, root / out, args.engine), client=client, say=lambda _m: None
+                    )
+
+                initial, t_initial = _timed(run("archive-out"))
+                noop, t_noop = _timed(run("archive-out"))
+                server.load([], items)
+                added, t_added = _timed(run("archive-out"))
+                full, t_full = _timed(run("rebuild-out"))
+        finally:
+            server.destroy()
+    rows = {
+        f"initial build ({n - 1} dates)": (initial, t_initial),
+        "no-op refresh": (noop, t_noop),
+        f"refresh adding date {n} of {n}": (added, t_added),
+        f"full rebuild ({n} dates)": (full, t_full),
+    }
+    print(f"\n{'run':32} {'chips written':>14} {'MB written':>11} {'s':>7} {'x full':>7}")
+    for name, (summary, seconds) in rows.items():
+        print(
+            f"{name:32} {summary.chips_written:>14} {summary.bytes_written / 1e6:>11.1f} {seconds:>7.2f} "
+            f"{seconds / t_full:>7.3f}"
+        )
+    result = {
+        "engine": args.engine,
+        "workers": args.workers,
+        "chips": full.chips_written,
+        "dates": n,
+        "noop_bytes_written": noop.bytes_written,
+        "noop_over_full": t_noop / t_full,
+        "add_one_date_over_full": t_added / t_full,
+        "target_add_one_date": 1.5 / n,
+        "noop_target_met": noop.bytes_written == 0 and t_noop / t_full < 0.05,
+        "add_target_met": t_added / t_full <= 1.5 / n,
+    }
+    print(
+        f"\nno-op: {result['noop_over_full']:.3f} of a full run, {noop.bytes_written} chunk bytes "
+        f"(target < 0.05 and 0); one new date: {result['add_one_date_over_full']:.3f} of a full run "
+        f"(target <= {result['target_add_one_date']:.3f})"
+    )
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
