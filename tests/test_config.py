@@ -40,7 +40,10 @@ def _demo() -> dict:
         (lambda d: d["source"].update(datetime="2024-05-01"), r"source.datetime: .*closed range"),
         (lambda d: d["source"]["aoi"].update(bbox=[500000, 5e6, 501000, 5.001e6]), r"source.aoi.bbox: .*not lon/lat"),
         (lambda d: d["source"].update(colections=[]), r"source.colections: Extra inputs are not permitted"),
-        (lambda d: d["loader"].update(engine="gdal"), r"loader.engine: Input should be 'odc-stac' or 'stackstac'"),
+        (
+            lambda d: d["loader"].update(engine="gdal"),
+            r"loader.engine: Input should be 'odc-stac', 'stackstac', 'rasterio' or 'earthengine'",
+        ),
         (lambda d: d["time"].update(mode="composite"), r"time: mode 'composite' needs `period`"),
         (lambda d: d["time"].update(window="fortnight"), r"time.window: .*not a frequency"),
         (lambda d: d["source"]["collections"][0].update(bands=[]), r"source.collections.0.bands: List should have"),
@@ -102,7 +105,7 @@ def test_public_source_specs_match_the_catalog_definitions():
         if "embed" in path.name:
             continue
         spec = load_spec(path)
-        if spec.source.url == "embedded":
+        if spec.source.kind != "stac" or spec.source.url == "embedded":
             continue
         for coll in spec.source.collections:
             assets = defined[(spec.source.url.rstrip("/"), coll.id)]

@@ -42,9 +42,7 @@ __all__ = ["CatalogServerError", "LocalStacServer", "default_data_dir"]
 
 _log = logging.getLogger(__name__)
 
-_INSTALL_HINT = (
-    "install postgresql-15-postgis-3 (Debian) or `conda install -c conda-forge postgresql postgis`"
-)
+_INSTALL_HINT = "install postgresql-15-postgis-3 (Debian) or `conda install -c conda-forge postgresql postgis`"
 _DB_USER = "eoprep"
 _DB_NAME = "eoprep"
 _PG_SYSTEM_USER = "postgres"
@@ -124,9 +122,7 @@ def _find_pg_bindir() -> Path:
     for bindir in candidates:
         if all((bindir / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
             return bindir
-    raise CatalogServerError(
-        f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: {_INSTALL_HINT}"
-    )
+    raise CatalogServerError(f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: {_INSTALL_HINT}")
 
 
 def _check_postgis(bindir: Path) -> None:
@@ -222,9 +218,7 @@ class LocalStacServer:
         Receives one-line progress messages (cluster creation, URL); defaults to this module's logger.
     """
 
-    def __init__(
-        self, data_dir: Path, *, port: int | None = None, log: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, data_dir: Path, *, port: int | None = None, log: Callable[[str], None] | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().absolute()
         self._requested_port = port
         self._log = log if log is not None else _log.info
@@ -715,9 +709,7 @@ class LocalStacServer:
                 code = self._api.returncode
                 raise CatalogServerError(f"the catalog API exited with code {code}; {_tail(logfile)}")
             if time.monotonic() > deadline:
-                raise CatalogServerError(
-                    f"the catalog API did not answer {url} within 120 s; {_tail(logfile)}"
-                )
+                raise CatalogServerError(f"the catalog API did not answer {url} within 120 s; {_tail(logfile)}")
             try:
                 with urllib.request.urlopen(url + pending[0], timeout=5) as response:
                     json.load(response)

@@ -100,6 +100,8 @@ class ChipResult:
     #: Per collection and time step: (dx, dy) in metres east/north, confidence, corrected; None where not estimated.
     shifts: dict[str, list[tuple[float, float, float, bool] | None]] = field(default_factory=dict)
     attempts: int = 1
+    #: Stored bytes of the shards its task wrote (counted on the first chip of each shard).
+    bytes_written: int = 0
 
 
 def collection_layout(spec: PipelineSpec, coll: CollectionSpec, items: Sequence[pystac.Item]) -> CollectionLayout:

@@ -340,7 +340,6 @@ def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
                 client=client,
                 say=lambda m: bar.console.print(m, soft_wrap=True),
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                wait=getattr(args, "wait", False),
             )
     if args.json:
         print(json.dumps(summary.to_dict(), default=str))

@@ -103,8 +103,8 @@ def process_shard(
             results.append(result)
             for key in layouts:
                 blocks[key].append(arrays[key])
-    for key, arrays in blocks.items():
-        store.write_slice(key, shard.positions, np.stack(arrays))
+    written = sum(store.write_slice(key, shard.positions, np.stack(arrays)) for key, arrays in blocks.items())
+    results[0].bytes_written = written
     return results
 
 
@@ -204,7 +204,6 @@ def run_pipeline(
         work, new = _triage(store, layouts, plans)
         summary.chips_updated = len(work)
         summary.chips_present = len(plans) - len(work) - len(new)
-        bytes_before = store.bytes_stored()
         if work or new:
             say(
                 f"{len(new)} new and {len(work)} changed or unfinished chips to write "
@@ -220,11 +219,11 @@ def run_pipeline(
             slices = shard_slices(positions, todo, spec.output.chips_per_shard)
             results = _execute(client, store, layouts, slices, spec, progress)
             summary.chips_written = sum(r.written for r in results)
+            summary.bytes_written = sum(r.bytes_written for r in results)
             summary.skipped = [(r.id, r.reason or "") for r in results if not r.written]
             store.consolidate()
         else:
             say(f"nothing new: all {len(plans)} chips in {out_dir} are up to date with their inputs")
-        summary.bytes_written = store.bytes_stored() - bytes_before
         if work or new or not (out_dir / INDEX_FILE).exists():
             table = write_index(out_dir, store.url)
             if spec.output.format == "taco":

@@ -197,16 +197,12 @@ def test_antimeridian_points_and_footprints(grid):
 
 
 def test_antimeridian_geometry_as_multipolygon(grid):
-    parts = shapely.MultiPolygon(
-        [shapely.box(179.95, 0.0, 180.0, 0.05), shapely.box(-180.0, 0.0, -179.95, 0.05)]
-    )
+    parts = shapely.MultiPolygon([shapely.box(179.95, 0.0, 180.0, 0.05), shapely.box(-180.0, 0.0, -179.95, 0.05)])
     cells = grid.cells_in_geometry(parts)
     assert cells == grid.cells_in_bbox((179.95, 0.0, -179.95, 0.05))
 
 
-@pytest.mark.parametrize(
-    ("lat", "crs"), [(89.99, "EPSG:32661"), (-89.99, "EPSG:32761"), (90.0, "EPSG:32661")]
-)
+@pytest.mark.parametrize(("lat", "crs"), [(89.99, "EPSG:32661"), (-89.99, "EPSG:32761"), (90.0, "EPSG:32661")])
 def test_polar_cells(grid, lat, crs):
     cell = grid.cell_at(123.0, lat)
     assert cell.crs == crs

@@ -50,5 +50,11 @@ def test_rasterio_engine_warps_into_another_utm_zone_like_odc_stac(demo_archive)
 def test_unknown_engine_is_named(demo_archive):
     chip = ChipGrid("EPSG:32632", 500000.0, 5030000.0, 8, 10.0)
     with pytest.raises(ValueError, match="loader.engine: unknown engine 'gdal'"):
-        read_items(_items(demo_archive, "demo-sentinel-2-l2a"), ["B02"], chip, dtype=np.dtype("uint16"), nodata=0,
-                   engine="gdal")
+        read_items(
+            _items(demo_archive, "demo-sentinel-2-l2a"),
+            ["B02"],
+            chip,
+            dtype=np.dtype("uint16"),
+            nodata=0,
+            engine="gdal",
+        )

@@ -33,7 +33,7 @@ Modality = Literal["optical", "sar"]
 #: Smoothing (pixels) before gradients: SAR speckle needs more than optical noise.
 _SIGMA: dict[str, float] = {"optical": 1.0, "sar": 1.5}
 #: Least fraction of the chip both images must share at the peak, below which nothing is trusted.
-_MIN_OVERLAP = 0.15
+_MIN_OVERLAP = 0.25
 #: Radius (pixels) around the peak excluded when looking for the best rival peak.
 _EXCLUDE = 3
 #: Extra search radius (pixels) beyond ``max_shift`` where rival peaks are looked for.
@@ -47,7 +47,8 @@ class ShiftEstimate:
     ``dx`` is positive east (columns), ``dy`` positive north (up), both in pixels; correcting means
     moving the content by ``(-dx, -dy)``. ``confidence`` is the margin by which the best match beats
     the best rival match (normalised correlation units, 0 = ambiguous); ``correlation`` is the peak's
-    normalised correlation and ``overlap`` the fraction of the chip both images share.
+    normalised correlation and ``overlap`` the fraction of the chip both images share. When the
+    images share too little to compare, the shift is NaN and the confidence 0.
     """
 
     dx: float
@@ -254,7 +255,7 @@ def estimate_shift(
     r, c = np.unravel_index(int(np.argmax(inner)), inner.shape)
     peak = float(inner[r, c])
     if not np.isfinite(peak):
-        return ShiftEstimate(0.0, 0.0, 0.0, float("nan"), float(overlap.max() / window.sum()))
+        return ShiftEstimate(float("nan"), float("nan"), 0.0, float("nan"), float(overlap.max() / window.sum()))
     yy, xx = np.ogrid[: score.shape[0], : score.shape[1]]
     rivals = score[(yy - r) ** 2 + (xx - c) ** 2 > _EXCLUDE**2]
     rival = float(rivals[np.isfinite(rivals)].max(initial=0.0))

@@ -51,7 +51,8 @@ class MaskRule:
         if self.kind == "classes":
             return np.isin(layer, codes)
         bits = sum(1 << b for b in codes)
-        return (layer.astype(np.int64) & bits) != 0
+        whole = np.where(np.isfinite(layer), layer, 0) if layer.dtype.kind == "f" else layer
+        return (whole.astype(np.int64) & bits) != 0
 
     def unusable(self, layer: np.ndarray) -> np.ndarray:
         """Pixels to leave out of composites and shift estimation."""

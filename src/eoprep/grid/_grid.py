@@ -150,9 +150,7 @@ class GlobalGrid:
     def __post_init__(self) -> None:
         for name in ("cell_size", "pixel_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (
-                isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
-            ):
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
                 raise ValueError(f"GlobalGrid {name} must be a positive number of metres, got {value!r}")
         if _whole_multiple(self.cell_size, self.pixel_size) is None:
             raise ValueError(

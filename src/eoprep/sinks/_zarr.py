@@ -172,14 +172,24 @@ class ChipStore:
                 )
         return range(n0, n0 + len(plans))
 
-    def write_slice(self, key: str, positions: Sequence[int], data: np.ndarray) -> None:
-        """Write chips of one group that share a shard; called on workers, one shard at a time."""
+    def write_slice(self, key: str, positions: Sequence[int], data: np.ndarray) -> int:
+        """Write chips of one group that share a shard; called on workers, one shard at a time.
+
+        Returns the stored size of the shard written, i.e. the bytes this write put on storage.
+        """
+        from zarr.core.sync import sync
+
         arr = zarr.open_array(self.url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
         start = positions[0]
         if list(positions) == list(range(start, start + len(positions))):
             arr[start : start + len(positions)] = data
         else:
             arr.oindex[list(positions)] = data
+        shard = arr.metadata.encode_chunk_key((start // arr.shards[0], 0, 0, 0, 0))
+        try:
+            return int(sync(arr.store.getsize(f"{arr.path}/{shard}")))
+        except FileNotFoundError:
+            return 0  # a shard of nothing but fill values is not stored at all
 
     def read_chip(self, key: str, position: int) -> np.ndarray:
         """One stored chip (time, band, y, x), e.g. to reuse its unchanged time slots."""
@@ -240,17 +250,6 @@ class ChipStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self.url)
-
-    def bytes_stored(self) -> int:
-        """Bytes of all pixel arrays as stored (after compression)."""
-        if not self.exists():
-            return 0
-        root = self._root()
-        return sum(int(root[f"{k}/pixels"].nbytes_stored()) for k in root.group_keys())
-
-    def open(self, key: str) -> xr.Dataset:
-        """The group as a lazy xarray Dataset."""
-        return xr.open_zarr(self.url, group=key, zarr_format=3)
 
 
 def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[str, Any] | None) -> dict[str, Any]:

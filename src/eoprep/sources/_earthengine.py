@@ -177,7 +177,8 @@ def _call(fn: Callable[[], Any], session: EarthEngineSession, what: str) -> Any:
     """Run one EE request under the project's concurrency limit, retrying 429/5xx with jittered backoff."""
     import ee
 
-    for attempt in range(session.retries + 1):
+    attempt = 0
+    while True:
         with _request_slot(session):
             try:
                 return fn()
@@ -186,10 +187,12 @@ def _call(fn: Callable[[], Any], session: EarthEngineSession, what: str) -> Any:
                 if status not in _RETRY_STATUS or attempt == session.retries:
                     raise _translate(exc, status, session, what, attempt) from None
         time.sleep(session.backoff * 2**attempt * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+        attempt += 1
 
 
-def _translate(exc: BaseException, status: int | None, session: EarthEngineSession, what: str, attempt: int) -> EoprepError:
+def _translate(
+    exc: BaseException, status: int | None, session: EarthEngineSession, what: str, attempt: int
+) -> EoprepError:
     msg = _first(exc)
     if status == 429:
         return EoprepError(
@@ -221,9 +224,11 @@ def _request_slot(session: EarthEngineSession) -> Iterator[None]:
     key = (session.project, session.max_concurrency, on_worker)
     sem = _semaphores.get(key)
     if sem is None:
-        name = f"eoprep-ee-{session.project}"
-        sem = Semaphore(max_leases=session.max_concurrency, name=name) if on_worker else threading.BoundedSemaphore(
-            session.max_concurrency
+        name = f"eoprep-ee-{session.project}-{session.max_concurrency}"
+        sem = (
+            Semaphore(max_leases=session.max_concurrency, name=name)
+            if on_worker
+            else threading.BoundedSemaphore(session.max_concurrency)
         )
         sem = _semaphores.setdefault(key, sem)
     with sem:
@@ -233,17 +238,13 @@ def _request_slot(session: EarthEngineSession) -> Iterator[None]:
 # -- the server-side query --------------------------------------------------------------------------
 
 
-def build_collection(
-    source: EarthEngineSourceSpec, coll: EarthEngineCollectionSpec, aoi: shapely.Geometry
-) -> Any:
+def build_collection(source: EarthEngineSourceSpec, coll: EarthEngineCollectionSpec, aoi: shapely.Geometry) -> Any:
     """The ``ee.ImageCollection`` a spec's collection describes: dates, AOI, filters, mask, hook, composite."""
     import ee
 
     start, end = source.time_range
     collection = (
-        ee.ImageCollection(coll.id)
-        .filterDate(_millis(start), _millis(end) + 1)
-        .filterBounds(ee.Geometry(mapping(aoi)))
+        ee.ImageCollection(coll.id).filterDate(_millis(start), _millis(end) + 1).filterBounds(ee.Geometry(mapping(aoi)))
     )
     ops = {"eq": "eq", "neq": "neq", "lt": "lt", "lte": "lte", "gt": "gt", "gte": "gte", "in": "inList"}
     for prop, tests in coll.filters.items():
@@ -252,7 +253,14 @@ def build_collection(
     if coll.mask is not None:
         collection = _masked(collection, coll)
     if coll.python is not None:
-        collection = _hook(coll)(collection)
+        try:
+            collection = _hook(coll)(collection)
+        except (EoprepError, ee.EEException):
+            raise
+        except Exception as exc:
+            raise EoprepError(
+                f"source.collections ({coll.id}).python: {coll.python} failed: {type(exc).__name__}: {_first(exc)}"
+            ) from None
         if not isinstance(collection, ee.ImageCollection):
             raise EoprepError(f"source.collections ({coll.id}).python: {coll.python} must return an ee.ImageCollection")
     if coll.composite is not None:
@@ -323,6 +331,8 @@ def search_earthengine(
     client
         A Dask client whose workers get the :class:`EarthEngineInit` plugin.
     """
+    import ee
+
     from eoprep.sources._stac import aoi_geometry
 
     session = EarthEngineSession.from_source(source)
@@ -330,8 +340,6 @@ def search_earthengine(
     geom = aoi if aoi is not None else aoi_geometry(source.aoi)
     found: dict[str, list[pystac.Item]] = {}
     for i, coll in enumerate(source.collections):
-        import ee
-
         collection = build_collection(source, coll, geom)
         info = _call(lambda c=collection: c.limit(source.max_items).getInfo(), session, f"the search of {coll.id}")
         features = [f for f in info.get("features", []) if f.get("bands")]
@@ -384,7 +392,11 @@ def _item(
     if geom is None or coll.composite is not None:
         geom = aoi
     when = pd.Timestamp(props["system:time_start"], unit="ms", tz="UTC")
-    extra = {"updated": pd.Timestamp(int(feature["version"]), unit="us", tz="UTC").isoformat()} if "version" in feature else {}
+    extra = (
+        {"updated": pd.Timestamp(int(feature["version"]), unit="us", tz="UTC").isoformat()}
+        if "version" in feature
+        else {}
+    )
     item = pystac.Item(
         id=f"{coll.id}/{index}",
         geometry=mapping(geom),
@@ -422,8 +434,12 @@ def request_tiles(size: int, bytes_per_pixel: int, request_bytes: int) -> list[t
     """Square tiles (row, col, height, width) covering a ``size``² grid, each request under the caps."""
     side = min(size, EE_MAX_SIDE, int((request_bytes // bytes_per_pixel) ** 0.5))
     if side < 1:
-        raise EoprepError(f"source.request_bytes: {request_bytes} bytes cannot hold one pixel of {bytes_per_pixel} bytes")
-    return [(r, c, min(side, size - r), min(side, size - c)) for r in range(0, size, side) for c in range(0, size, side)]
+        raise EoprepError(
+            f"source.request_bytes: {request_bytes} bytes cannot hold one pixel of {bytes_per_pixel} bytes"
+        )
+    return [
+        (r, c, min(side, size - r), min(side, size - c)) for r in range(0, size, side) for c in range(0, size, side)
+    ]
 
 
 def read_earthengine(
@@ -469,7 +485,9 @@ def read_earthengine(
                 },
             }
             raw = _call(
-                lambda p=params: ee.data.computePixels(p), session, f"computePixels of {item['id']} for {grid.crs} {r},{c}"
+                lambda p=params: ee.data.computePixels(p),
+                session,
+                f"computePixels of {item['id']} for {grid.crs} {r},{c}",
             )
             for k, band in enumerate(bands):
                 valid = raw[valid_names[k]] != 0
@@ -526,7 +544,11 @@ def earthengine_cube(
         chunks={},
         request_byte_limit=session.request_bytes,
         ee_init_if_necessary=True,
-        ee_init_kwargs={"url": session.url, "project": session.project, "credentials_function": _xee_credentials(session)},
+        ee_init_kwargs={
+            "url": session.url,
+            "project": session.project,
+            "credentials_function": _xee_credentials(session),
+        },
         getitem_kwargs={"max_retries": session.retries, "initial_delay": int(session.backoff * 1000)},
     )
 

@@ -239,8 +239,13 @@ def _read_aligned(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np
     valid = np.zeros((grid.size, grid.size), dtype=bool)
     if c0 >= c1 or r0 >= r1:
         return data, valid
-    block = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0), masked=True,
-                     out_shape=((r1 - r0) * ratio, (c1 - c0) * ratio), resampling=Resampling[method])
+    block = src.read(
+        1,
+        window=Window(c0, r0, c1 - c0, r1 - r0),
+        masked=True,
+        out_shape=((r1 - r0) * ratio, (c1 - c0) * ratio),
+        resampling=Resampling[method],
+    )
     # block covers chip pixels [r0*ratio - y_px, r1*ratio - y_px) x [c0*ratio - x_px, c1*ratio - x_px)
     ys0, xs0 = r0 * ratio - y_px, c0 * ratio - x_px
     cy0, cx0 = max(ys0, 0), max(xs0, 0)
@@ -257,7 +262,8 @@ def _read_warped(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np.
     from rasterio.vrt import WarpedVRT
 
     transform = Affine(grid.pixel_size, 0.0, grid.x0, 0.0, -grid.pixel_size, grid.y0)
-    with WarpedVRT(src, crs=grid.crs, transform=transform, width=grid.size, height=grid.size,
-                   resampling=Resampling[method]) as vrt:
+    with WarpedVRT(
+        src, crs=grid.crs, transform=transform, width=grid.size, height=grid.size, resampling=Resampling[method]
+    ) as vrt:
         block = vrt.read(1, masked=True)
     return block.data, ~np.ma.getmaskarray(block)

@@ -91,9 +91,7 @@ def _open_client(url: str, sign: str | None, retries: int, timeout: float) -> Cl
         try:
             import planetary_computer
         except ImportError:
-            raise EoprepError(
-                "source.sign: 'planetary-computer' needs: pip install planetary-computer"
-            ) from None
+            raise EoprepError("source.sign: 'planetary-computer' needs: pip install planetary-computer") from None
         modifier = planetary_computer.sign_inplace
     try:
         return Client.open(url, modifier=modifier, stac_io=_stac_io(retries, timeout))
