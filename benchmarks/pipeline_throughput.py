@@ -7,7 +7,8 @@ All numbers come from one run on this machine:
   handles cached per process, nothing written;
 * eoprep: ``run_pipeline`` on a fresh LocalCluster (processes) against the real local pgstac API,
   search and planning included, Zarr shards written;
-* memory: peak RSS of the workers (``ru_maxrss``), for a small and a 4× larger AOI.
+* memory: peak RSS of the workers (``ru_maxrss``) after the run, and before it (imports, idle), for
+  a small and a 3× larger AOI.
 
     .venv/bin/python benchmarks/pipeline_throughput.py [--workers 2] [--json out.json]
 """
@@ -97,6 +98,7 @@ def eoprep_run(url: str, out: Path, bbox: list[float], engine: str, workers: int
         }
     )
     with dask_client(workers=workers, say=lambda _m: None) as client:
+        idle = max(client.run(_peak_rss_mb).values())
         start = time.perf_counter()
         summary = run_pipeline(spec, client=client, say=lambda _m: None)
         seconds = time.perf_counter() - start
@@ -109,6 +111,7 @@ def eoprep_run(url: str, out: Path, bbox: list[float], engine: str, workers: int
         "mb_s": raw_mb / seconds,
         "chips_s": summary.chips_written / seconds,
         "peak_worker_mb": max(peaks.values()),
+        "idle_worker_mb": idle,
         "stored_mb": summary.bytes_written / 1e6,
     }
 
@@ -147,14 +150,14 @@ def main() -> None:
         finally:
             server.destroy()
     bound = {"small": rows["raw-read bound (small AOI)"]["mb_s"], "large": rows["raw-read bound (large AOI)"]["mb_s"]}
-    print(f"\n{'run':32} {'chips':>6} {'s':>7} {'chips/s':>8} {'MB/s':>7} {'x bound':>8} {'peak worker MB':>15}")
+    print(f"\n{'run':32} {'chips':>6} {'s':>7} {'chips/s':>8} {'MB/s':>7} {'x bound':>8} {'peak worker MB':>22}")
     for name, row in rows.items():
         ratio = row["mb_s"] / bound["large" if "large" in name else "small"]
         row["ratio_to_bound"] = ratio
-        peak = f"{row['peak_worker_mb']:.0f}" if "peak_worker_mb" in row else "-"
+        peak = f"{row['peak_worker_mb']:.0f} ({row['idle_worker_mb']:.0f} idle)" if "peak_worker_mb" in row else "-"
         print(
             f"{name:32} {row['chips']:>6} {row['seconds']:>7.2f} {row['chips_s']:>8.2f} {row['mb_s']:>7.1f} "
-            f"{ratio:>8.2f} {peak:>15}"
+            f"{ratio:>8.2f} {peak:>22}"
         )
     small, large = rows["eoprep rasterio (small AOI)"], rows["eoprep rasterio (large AOI)"]
     result = {
