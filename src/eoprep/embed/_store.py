@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ import zarr
 
 from eoprep import __version__
 from eoprep.errors import EoprepError
+from eoprep.sinks import atomic_write
 
 __all__ = ["ANN_FILE", "STAC_FILE", "TABLE_FILE", "VECTORS_STORE", "FeatureStore", "unit_vectors"]
 
@@ -43,17 +41,6 @@ VECTORS_STORE = "embeddings.zarr"
 STAC_FILE = "collection.json"
 ANN_FILE = "ann.faiss"
 _ROWS_PER_CHUNK = 4096
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 class FeatureStore:
@@ -116,7 +103,7 @@ class FeatureStore:
         merged = rows if old is None else gpd.GeoDataFrame(pd.concat([old, rows], ignore_index=True), crs=rows.crs)
         all_vectors = vectors if old is None else np.concatenate([self.vectors(), vectors])
         self._write_table(merged, all_vectors.astype(dtype), info)
-        _atomic(self.path / STAC_FILE, lambda p: p.write_text(json.dumps(_collection(merged, info), indent=1)))
+        atomic_write(self.path / STAC_FILE, lambda p: p.write_text(json.dumps(_collection(merged, info), indent=1)))
         self._write_ann(all_vectors, ann_threshold)
         return len(merged)
 
@@ -159,7 +146,7 @@ class FeatureStore:
         meta = dict(table.schema.metadata or {})
         meta[b"eoprep:embedding"] = json.dumps(info).encode()
         table = table.replace_schema_metadata(meta)
-        _atomic(self.path / TABLE_FILE, lambda p: pq.write_table(table, p, compression="zstd"))
+        atomic_write(self.path / TABLE_FILE, lambda p: pq.write_table(table, p, compression="zstd"))
 
     def _write_ann(self, vectors: np.ndarray, threshold: int) -> None:
         path = self.path / ANN_FILE
@@ -170,7 +157,7 @@ class FeatureStore:
 
         index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
         index.add(unit_vectors(vectors))
-        _atomic(path, lambda p: faiss.write_index(index, str(p)))
+        atomic_write(path, lambda p: faiss.write_index(index, str(p)))
 
 
 def unit_vectors(vectors: np.ndarray) -> np.ndarray:

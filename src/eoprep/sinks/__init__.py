@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from eoprep.sinks._index import INDEX_FILE, STAC_DIR, read_index, write_index, write_manifest, write_stac
+from eoprep.sinks._index import (
+    INDEX_FILE,
+    STAC_DIR,
+    atomic_write,
+    read_index,
+    write_index,
+    write_manifest,
+    write_stac,
+)
 from eoprep.sinks._taco import TACO_DIR, TacoWriteResult, write_taco
 from eoprep.sinks._zarr import CHIPS_STORE, ChipState, ChipStore, ShardSlice, shard_slices
 
@@ -15,6 +23,7 @@ __all__ = [
     "ChipStore",
     "ShardSlice",
     "TacoWriteResult",
+    "atomic_write",
     "read_index",
     "shard_slices",
     "write_index",

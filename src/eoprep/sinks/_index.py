@@ -22,14 +22,15 @@ import zarr
 
 from eoprep import __version__
 
-__all__ = ["INDEX_FILE", "STAC_DIR", "read_index", "write_index", "write_manifest", "write_stac"]
+__all__ = ["INDEX_FILE", "STAC_DIR", "atomic_write", "read_index", "write_index", "write_manifest", "write_stac"]
 
 INDEX_FILE = "index.parquet"
 STAC_DIR = "stac"
 RUNS_DIR = "runs"
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename it: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -41,7 +42,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
+    atomic_write(path, lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
 
 
 def _texts(var: xr.DataArray) -> list[str]:
@@ -87,7 +88,7 @@ def chip_table(store_url: str) -> gpd.GeoDataFrame:
 def write_index(out_dir: Path, store_url: str) -> gpd.GeoDataFrame:
     """Rewrite ``index.parquet`` (GeoParquet) from the store."""
     table = chip_table(store_url)
-    _atomic(out_dir / INDEX_FILE, lambda p: table.to_parquet(p, index=False))
+    atomic_write(out_dir / INDEX_FILE, lambda p: table.to_parquet(p, index=False))
     return table
 
 
