@@ -63,6 +63,36 @@ def test_seed_changes_random_init_and_checkpoint_restores_it(name, tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_a_checkpoint_url_is_fetched_once_into_the_cache(tmp_path, monkeypatch):
+    """A checkpoint served over HTTP (a real local server) loads like the same file given as a path."""
+    import functools
+    import http.server
+    import threading
+
+    model = build_encoder("vit", {**CASES["vit"], "seed": 1}, S2)
+    (tmp_path / "served").mkdir()
+    torch.save(model.state_dict(), tmp_path / "served" / "vit.pt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("EOPREP_CACHE", str(tmp_path / "cache"))
+    url = f"http://127.0.0.1:{server.server_address[1]}/vit.pt"
+    try:
+        loaded = build_encoder("vit", {**CASES["vit"], "seed": 2}, S2, checkpoint=url)
+    finally:
+        server.shutdown()
+    cached = list((tmp_path / "cache" / "checkpoints").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("-vit.pt")
+    again = build_encoder("vit", {**CASES["vit"], "seed": 2}, S2, checkpoint=url)
+    x = _input(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x))
+        torch.testing.assert_close(again(x), model(x))
+    with pytest.raises(EoprepError, match=r"encoder.checkpoint: cannot fetch http://127.0.0.1:9/x.pt"):
+        build_encoder("vit", CASES["vit"], S2, checkpoint="http://127.0.0.1:9/x.pt")
+
+
 def test_a_checkpoint_of_another_size_is_refused_with_the_keys(tmp_path):
     small = build_encoder("vit", {**CASES["vit"], "dim": 16, "heads": 2}, S2)
     torch.save(small.state_dict(), tmp_path / "small.pt")

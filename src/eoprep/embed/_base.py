@@ -10,6 +10,9 @@ same device as the model, so the host only decompresses and copies raw integers.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eoprep.embed._spec import is_remote
 from eoprep.errors import EoprepError
 
 __all__ = ["BAND_ALIASES", "ChipDecoder", "Encoder", "EncoderInfo", "load_checkpoint", "map_bands"]
@@ -110,6 +114,38 @@ def map_bands(model_bands: Sequence[str], available: Sequence[str], overrides: d
     return chosen
 
 
+def fetch_checkpoint(location: str) -> Path:
+    """The local file of a checkpoint: URLs are downloaded once into the eoprep cache and reused.
+
+    Workers of one machine share the cache; the download goes through a temporary name and a rename,
+    so a worker never loads a half-written file.
+    """
+    if not is_remote(location):
+        return Path(location.removeprefix("file://"))
+    cache = Path(os.environ.get("EOPREP_CACHE") or Path.home() / ".cache" / "eoprep") / "checkpoints"
+    name = hashlib.sha256(location.encode()).hexdigest()[:16] + "-" + Path(location.split("?")[0]).name
+    target = cache / name
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.partial")
+    try:
+        if location.startswith(("http://", "https://")):
+            with urllib.request.urlopen(location, timeout=60) as answer, tmp.open("wb") as out:
+                shutil.copyfileobj(answer, out)
+        else:
+            import fsspec
+
+            with fsspec.open(location, "rb") as answer, tmp.open("wb") as out:
+                shutil.copyfileobj(answer, out)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise EoprepError(f"encoder.checkpoint: cannot fetch {location}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def load_checkpoint(module: nn.Module, path: str, *, prefix: str = "", ignore: Sequence[str] = ()) -> str:
     """Load a local state dict into ``module`` (strictly) and return a short content hash for provenance.
 
@@ -118,7 +154,7 @@ def load_checkpoint(module: nn.Module, path: str, *, prefix: str = "", ignore: S
     are ignored, and so are the names in ``ignore`` (tables the module recomputes). Mismatched
     names or shapes are reported, never silently skipped.
     """
-    file = Path(path)
+    file = fetch_checkpoint(path)
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
     payload = torch.load(file, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):

@@ -25,6 +25,12 @@ __all__ = [
 ]
 
 
+def is_remote(location: str) -> bool:
+    """A checkpoint given as a URL (http(s) or any fsspec protocol) rather than a local path."""
+    scheme = location.split("://", 1)[0] if "://" in location else ""
+    return scheme not in ("", "file")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,16 +68,6 @@ class EncoderSpec(_Model):
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
         return name
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _local(cls, value: str | None) -> str | None:
-        if value is not None and value.split("://")[0] in ("http", "https", "s3", "gs", "hf"):
-            raise ValueError(
-                f"{value!r} is remote; nothing is downloaded at run time. Download it once "
-                "(e.g. `curl -L -o model.pt URL`) and give the local path or a file:// URL"
-            )
-        return value
 
 
 class RuntimeSpec(_Model):
@@ -154,7 +150,7 @@ def parse_embed_spec(data: Mapping[str, Any], *, origin: str = "<spec>", base: P
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise SpecError(f"{origin}: {where}: {message}{more}") from None
     ckpt = spec.encoder.checkpoint
-    if ckpt is not None:
+    if ckpt is not None and not is_remote(ckpt):
         path = Path(ckpt.removeprefix("file://"))
         if base is not None and not path.is_absolute():
             path = (base / path).resolve()
