@@ -26,6 +26,8 @@ import shapely
 from pyproj import Transformer
 from shapely.geometry import shape
 
+_RENDER_LOCK = threading.Lock()
+
 __all__ = ["EE_LIMIT_BYTES", "FakeEarthEngine", "FakeImage", "fake_pixels"]
 
 EE_LIMIT_BYTES = 48 * 2**20
@@ -591,7 +593,8 @@ class FakeEarthEngine:
         transform = tuple(
             float(t.get(k, 0.0)) for k in ("scaleX", "shearX", "translateX", "shearY", "scaleY", "translateY")
         )
-        planes = image.render(_Grid(g["crsCode"], transform, width, height))  # type: ignore[arg-type]
+        with _RENDER_LOCK:  # GEOS/PROJ objects shared between request threads are not thread-safe
+            planes = image.render(_Grid(g["crsCode"], transform, width, height))  # type: ignore[arg-type]
         out = np.zeros((height, width), dtype=[(b, image.bands[b]) for b in bands])
         for b in bands:
             values, valid = planes[b]

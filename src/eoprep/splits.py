@@ -138,8 +138,7 @@ def write_splits(
     """
     import zarr
 
-    from eoprep.sinks import CHIPS_STORE, read_index
-    from eoprep.sinks._index import _atomic
+    from eoprep.sinks import CHIPS_STORE, atomic_write, read_index
 
     out = Path(out_dir)
     attrs = dict(zarr.open_group(out / CHIPS_STORE, mode="r").attrs)
@@ -162,7 +161,7 @@ def write_splits(
         {**(arrow.schema.metadata or {}), b"eoprep:splits": json.dumps(params).encode()}
     )
     path = out / SPLITS_FILE
-    _atomic(path, lambda p: pq.write_table(arrow, p))
+    atomic_write(path, lambda p: pq.write_table(arrow, p))
     return path
 
 
