@@ -249,7 +249,7 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
             raise EoprepError(f"--chip: {args.chip} is not in {out / INDEX_FILE}")
         for _, row in rows.iterrows():
             console.print(
-                f"{row['id']} [{row['collection']}] index {row['index']} · {row['n_scenes']} scenes · "
+                f"{row['id']} ({row['collection']}) index {row['index']} · {row['n_scenes']} scenes · "
                 f"valid {row['valid_fraction']:.2f} · items {row['item_ids']}",
                 soft_wrap=True,
             )
