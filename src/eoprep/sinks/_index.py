@@ -58,7 +58,7 @@ def chip_table(store_url: str) -> gpd.GeoDataFrame:
     root = zarr.open_group(store_url, mode="r", zarr_format=3)
     frames = []
     for key in sorted(root.group_keys()):
-        ds = xr.open_zarr(store_url, group=key, zarr_format=3, consolidated=False).drop_vars("pixels")
+        ds = xr.open_zarr(store_url, group=key, zarr_format=3, consolidated=False, chunks=None).drop_vars("pixels")
         ds = ds.isel(chip=np.flatnonzero(ds["written"].values)).load()
         if ds.sizes["chip"] == 0:
             continue
