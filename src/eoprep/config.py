@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -444,12 +444,7 @@ def parse_spec(data: Mapping[str, Any], *, origin: str = "<spec>", base: Path | 
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [p for i, p in enumerate(first["loc"]) if not (i == 1 and first["loc"][0] == "source")]
-        where = ".".join(str(p) for p in loc) or "<root>"
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SpecError(f"{origin}: {where}: {message}{more}") from None
+        raise spec_error(exc, origin, drop=lambda loc: loc[0] == "source" and len(loc) > 1) from None
     if spec.output.codec is not None:
         _validate_codec(spec.output.codec, origin)
     return _resolve_paths(spec, base) if base is not None else spec
@@ -461,13 +456,32 @@ def _validate_codec(codec: Mapping[str, Any], origin: str) -> None:
     try:
         CodecSpec.model_validate(codec)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(["output", "codec", *(str(p) for p in first["loc"])])
-        raise SpecError(f"{origin}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise spec_error(exc, origin, prefix=("output", "codec")) from None
 
 
-def load_spec(path: str | Path) -> PipelineSpec:
-    """Read and validate a YAML pipeline spec; relative paths inside it are taken from its folder."""
+def spec_error(
+    exc: ValidationError,
+    origin: str,
+    *,
+    prefix: tuple[str, ...] = (),
+    drop: Callable[[tuple[Any, ...]], bool] | None = None,
+) -> SpecError:
+    """One line from pydantic's errors: the file, the dotted key path of the first error, its message.
+
+    ``drop`` says when the second path element is a union tag (``source.stac.aoi``) to leave out.
+    """
+    first = exc.errors()[0]
+    loc = tuple(first["loc"])
+    if drop is not None and drop(loc):
+        loc = loc[:1] + loc[2:]
+    where = ".".join(str(p) for p in (*prefix, *loc)) or "<root>"
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return SpecError(f"{origin}: {where}: {message}{more}")
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; unreadable files and syntax errors name the file and line."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -480,5 +494,11 @@ def load_spec(path: str | Path) -> PipelineSpec:
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise SpecError(f"{path}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: a pipeline spec must be a YAML mapping, got {type(data).__name__}")
-    return parse_spec(data, origin=str(path), base=path.parent.resolve())
+        raise SpecError(f"{path}: {what} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read and validate a YAML pipeline spec; relative paths inside it are taken from its folder."""
+    data = read_yaml_mapping(path, "a pipeline spec")
+    return parse_spec(data, origin=str(path), base=Path(path).parent.resolve())

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from eoprep.config import read_yaml_mapping, spec_error
 from eoprep.errors import SpecError
 
 __all__ = [
@@ -144,11 +144,7 @@ def parse_embed_spec(data: Mapping[str, Any], *, origin: str = "<spec>", base: P
     try:
         spec = EmbedSpec.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SpecError(f"{origin}: {where}: {message}{more}") from None
+        raise spec_error(exc, origin) from None
     ckpt = spec.encoder.checkpoint
     if ckpt is not None and not is_remote(ckpt):
         path = Path(ckpt.removeprefix("file://"))
@@ -173,13 +169,5 @@ def load_embed_spec(path: str | Path) -> EmbedSpec:
     EmbedSpec
         The validated spec.
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: an embed spec must be a YAML mapping, got {type(data).__name__}")
-    return parse_embed_spec(data, origin=str(path), base=path.parent.resolve())
+    data = read_yaml_mapping(path, "an embed spec")
+    return parse_embed_spec(data, origin=str(path), base=Path(path).parent.resolve())
