@@ -177,7 +177,8 @@ def main() -> None:
     result = {
         "workers": args.workers,
         "rows": rows,
-        "odc_vs_stackstac_speed": small["mb_s"] / rows["eoprep stackstac (small AOI)"]["mb_s"],
+        "odc_vs_stackstac_speed": rows["eoprep odc-stac (small AOI)"]["mb_s"]
+        / rows["eoprep stackstac (small AOI)"]["mb_s"],
         "peak_memory_growth_large_vs_small": large["peak_worker_mb"] / small["peak_worker_mb"],
         "aoi_growth": large["chips"] / small["chips"],
     }
