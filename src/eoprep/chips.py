@@ -23,7 +23,7 @@ import shapely
 from eoprep.align import AlignRole, MaskRule, QualityRules, mask_rule
 from eoprep.config import CollectionSpec, PipelineSpec, split_range
 from eoprep.grid import Cell, GlobalGrid, chip_id
-from eoprep.sources import ChipGrid, read_items
+from eoprep.sources import ChipGrid, is_nodata, read_items
 
 __all__ = [
     "ChipPlan",
@@ -368,15 +368,11 @@ def build_chip(
     return out, max(attempts, 1)
 
 
-def _invalid(data: np.ndarray, nodata: float) -> np.ndarray:
-    return np.isnan(data) if np.isnan(nodata) else data == nodata
-
-
 def _first_valid(scenes: np.ndarray, nodata: float) -> np.ndarray:
     """Mosaic same-day scenes: each pixel from the first scene that has data there."""
     out = scenes[0].copy()
     for scene in scenes[1:]:
-        hole = _invalid(out, nodata)
+        hole = is_nodata(out, nodata)
         out[hole] = scene[hole]
     return out
 
@@ -387,7 +383,7 @@ def _mask_rule(layout: CollectionLayout) -> MaskRule | None:
 
 def _median_of_clear(scenes: np.ndarray, layout: CollectionLayout) -> np.ndarray:
     """Per-pixel median of the scenes where the pixel is valid and not flagged by the quality band."""
-    bad = _invalid(scenes, layout.nodata).any(axis=1)
+    bad = is_nodata(scenes, layout.nodata).any(axis=1)
     rule = _mask_rule(layout)
     if rule is not None:
         bad |= rule.unusable(scenes[:, layout.bands.index(rule.band)])
@@ -415,11 +411,11 @@ def chip_quality(chip: np.ndarray, layout: CollectionLayout) -> tuple[float, flo
     The cloud fraction counts the ``quality.cloud`` flags of the collection's quality band (SCL,
     QA_PIXEL); it is NaN for collections without one.
     """
-    filled = ~_invalid(chip, layout.nodata).all(axis=(1, 2, 3))
+    filled = ~is_nodata(chip, layout.nodata).all(axis=(1, 2, 3))
     if not filled.any():
         return 0.0, float("nan")
     data = chip[filled]
-    valid = ~_invalid(data, layout.nodata).any(axis=1)
+    valid = ~is_nodata(data, layout.nodata).any(axis=1)
     cloud = float("nan")
     rule = _mask_rule(layout)
     if rule is not None and valid.any():

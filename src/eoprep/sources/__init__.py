@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from eoprep.sources._earthengine import earthengine_cube, search_earthengine
-from eoprep.sources._loaders import ChipGrid, read_items
+from eoprep.sources._loaders import ChipGrid, is_nodata, read_items
 from eoprep.sources._stac import aoi_geometry, search_items
 
-__all__ = ["ChipGrid", "aoi_geometry", "earthengine_cube", "read_items", "search_earthengine", "search_items"]
+__all__ = [
+    "ChipGrid",
+    "aoi_geometry",
+    "earthengine_cube",
+    "is_nodata",
+    "read_items",
+    "search_earthengine",
+    "search_items",
+]

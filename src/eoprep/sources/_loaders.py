@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pystac
 
-__all__ = ["ChipGrid", "read_items"]
+__all__ = ["ChipGrid", "is_nodata", "read_items"]
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,10 @@ def read_items(
         from eoprep.sources._earthengine import read_earthengine
 
         return read_earthengine(items, bands, grid, dtype=dtype, nodata=nodata)
-    if engine == "odc-stac":
-        return _read_odc(items, bands, grid, dtype, nodata, resampling)
-    if engine == "stackstac":
-        return _read_stackstac(items, bands, grid, dtype, nodata, resampling)
-    if engine == "rasterio":
-        return _read_rasterio(items, bands, grid, dtype, nodata, resampling)
-    raise ValueError(f"loader.engine: unknown engine {engine!r} (use odc-stac, stackstac or rasterio)")
+    reader = _ENGINES.get(engine)
+    if reader is None:
+        raise ValueError(f"loader.engine: unknown engine {engine!r} (use {', '.join(_ENGINES)})")
+    return reader(items, bands, grid, dtype, nodata, resampling)
 
 
 def _read_odc(
@@ -104,7 +101,7 @@ def _fill_nodata(data: np.ndarray, ds: Any, bands: Sequence[str], nodata: float)
         if band_nodata is None or _same(band_nodata, nodata):
             continue
         plane = data[:, k]
-        plane[_is_nodata(plane, band_nodata)] = nodata
+        plane[is_nodata(plane, band_nodata)] = nodata
     return data
 
 
@@ -112,7 +109,8 @@ def _same(a: float, b: float) -> bool:
     return (np.isnan(a) and np.isnan(b)) if isinstance(a, float) and isinstance(b, float) else a == b
 
 
-def _is_nodata(values: np.ndarray, nodata: float) -> np.ndarray:
+def is_nodata(values: np.ndarray, nodata: float) -> np.ndarray:
+    """Where ``values`` hold ``nodata``; NaN counts as equal to a NaN nodata."""
     return np.isnan(values) if np.isnan(nodata) else values == nodata
 
 
@@ -267,3 +265,10 @@ def _read_warped(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np.
     ) as vrt:
         block = vrt.read(1, masked=True)
     return block.data, ~np.ma.getmaskarray(block)
+
+
+_ENGINES: dict[str, Callable[..., np.ndarray]] = {
+    "odc-stac": _read_odc,
+    "stackstac": _read_stackstac,
+    "rasterio": _read_rasterio,
+}
