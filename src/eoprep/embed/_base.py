@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -146,12 +146,20 @@ def fetch_checkpoint(location: str) -> Path:
     return target
 
 
-def load_checkpoint(module: nn.Module, path: str, *, prefix: str = "", ignore: Sequence[str] = ()) -> str:
+def load_checkpoint(
+    module: nn.Module,
+    path: str,
+    *,
+    prefix: str = "",
+    ignore: Sequence[str] = (),
+    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> str:
     """Load a local state dict into ``module`` (strictly) and return a short content hash for provenance.
 
     Accepts a bare state dict or one nested under ``state_dict``/``model``; keys starting with
     ``prefix`` keep only the rest (e.g. ``encoder.`` for Prithvi's MAE checkpoints), other keys
-    are ignored, and so are the names in ``ignore`` (tables the module recomputes). Mismatched
+    are ignored, and so are the names in ``ignore`` (tables the module recomputes, heads it does
+    not use). ``adapt`` may then rewrite the entries (e.g. select input channels). Mismatched
     names or shapes are reported, never silently skipped.
     """
     file = fetch_checkpoint(path)
@@ -163,6 +171,8 @@ def load_checkpoint(module: nn.Module, path: str, *, prefix: str = "", ignore: S
     if prefix:
         payload = {k[len(prefix) :]: v for k, v in payload.items() if k.startswith(prefix)}
     payload = {k: v for k, v in payload.items() if k not in ignore}
+    if adapt is not None:
+        payload = adapt(payload)
     own = module.state_dict()
     missing = sorted(set(own) - set(payload))
     unexpected = sorted(set(payload) - set(own))

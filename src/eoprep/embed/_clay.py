@@ -1,10 +1,16 @@
-"""Clay v1: a ViT whose patch embedding is generated from the bands' wavelengths, so any band set fits.
+"""Clay v1 / v1.5: a ViT whose patch embedding is generated from the bands' wavelengths, so any band set fits.
 
-The layout follows Clay's ``Encoder`` (``patch_embedding`` = dynamic embedding with a
-``weight_generator`` and ``fclayer``; ``transformer.layers.N.{0,1}`` attention / feed-forward;
-``cls_token``); Lightning checkpoints keep it under ``model.encoder.``, the default
-``checkpoint_prefix``. Positions add a ground-sample-distance-scaled 2-D sine-cosine table, and
-the last 8 channels carry week-of-year and lat/lon as sines and cosines, taken from each chip.
+Parameter names and shapes follow the ``Encoder`` of Clay-foundation/model (``src/model.py`` for
+v1, ``claymodel/model.py`` for v1.5): ``cls_token``; ``patch_embedding`` = the DOFA-style dynamic
+embedding (``fclayer.l1``/``l2``; ``weight_generator`` with a one-layer ``encoder``,
+``fc_weight``, ``fc_bias``, ``weight_tokens``, ``bias_token``); ``transformer`` = vit-pytorch's
+simple ViT (``layers.N.0`` attention with ``norm``/``to_qkv``/``to_out``, ``layers.N.1.net``
+feed-forward, final ``norm``). Lightning checkpoints keep the encoder under ``model.encoder.``
+(the default ``checkpoint_prefix``); decoder, teacher and projection weights lie outside it and
+are ignored. v1 is ``base`` (768 wide, 12 deep), v1.5 is ``large`` (1024, 24); both use 8-pixel
+patches. Wavelengths are in micrometres, as in Clay's ``configs/metadata.yaml``. Positions add a
+ground-sample-distance-scaled 2-D sine-cosine table, and the last 8 channels carry week-of-year,
+hour and lat/lon as sines and cosines, taken from each chip (hour: 0).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from eoprep.embed._base import EncoderInfo, load_checkpoint
 
 __all__ = ["ClayEncoder", "build_clay"]
 
-#: Central wavelengths (µm) and Clay v1 Sentinel-2 L2A normalisation (reflectance) by common name.
+#: Central wavelengths (µm) and Clay's Sentinel-2 L2A normalisation (its DN statistics / 10000) by common name.
 WAVELENGTHS = {
     "blue": 0.493,
     "green": 0.56,
@@ -36,27 +42,27 @@ WAVELENGTHS = {
 }
 S2_MEAN = {
     "blue": 0.1105,
-    "green": 0.1241,
-    "red": 0.1287,
-    "rededge1": 0.1547,
-    "rededge2": 0.2135,
-    "rededge3": 0.2409,
-    "nir": 0.2379,
-    "nir08": 0.2561,
-    "swir16": 0.2062,
-    "swir22": 0.1498,
+    "green": 0.1355,
+    "red": 0.1552,
+    "rededge1": 0.1887,
+    "rededge2": 0.2422,
+    "rededge3": 0.2630,
+    "nir": 0.2743,
+    "nir08": 0.2785,
+    "swir16": 0.2388,
+    "swir22": 0.1835,
 }
 S2_STD = {
-    "blue": 0.2038,
-    "green": 0.1911,
-    "red": 0.1917,
-    "rededge1": 0.1873,
-    "rededge2": 0.1717,
-    "rededge3": 0.1727,
+    "blue": 0.1809,
+    "green": 0.1757,
+    "red": 0.1888,
+    "rededge1": 0.1870,
+    "rededge2": 0.1732,
+    "rededge3": 0.1697,
     "nir": 0.1742,
-    "nir08": 0.1685,
-    "swir16": 0.1339,
-    "swir22": 0.1079,
+    "nir08": 0.1648,
+    "swir16": 0.1470,
+    "swir22": 0.1379,
 }
 SIZES = {"base": (768, 12, 12), "large": (1024, 24, 16)}
 
@@ -75,23 +81,27 @@ def _sincos_2d(side: int, dim: int, gsd: float) -> torch.Tensor:
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
 
 
-class FCResLayer(nn.Module):
+class FCBlock(nn.Module):
+    """Residual two-layer GELU MLP applied to the wavelength encodings."""
+
     def __init__(self, size: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(size, size)
-        self.w2 = nn.Linear(size, size)
+        self.l1 = nn.Linear(size, size)
+        self.l2 = nn.Linear(size, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + F.relu(self.w2(F.relu(self.w1(x))))
+        return x + F.gelu(self.l2(F.gelu(self.l1(x))))
 
 
-class TransformerWeightGenerator(nn.Module):
+class WavesTransformer(nn.Module):
     """Turns one token per band into that band's patch-projection weights, plus one shared bias."""
 
     def __init__(self, wave_dim: int, out_dim: int, embed_dim: int, tokens: int = 128) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(wave_dim, nhead=4, activation="gelu", dropout=0.0, norm_first=False)
-        self.transformer_encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(
+            wave_dim, nhead=4, activation="gelu", dropout=0.0, norm_first=False, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
         self.fc_weight = nn.Linear(wave_dim, out_dim)
         self.fc_bias = nn.Linear(wave_dim, embed_dim)
         self.weight_tokens = nn.Parameter(torch.randn(tokens, wave_dim) * 0.02)
@@ -99,7 +109,8 @@ class TransformerWeightGenerator(nn.Module):
 
     def forward(self, waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.weight_tokens)
-        out = self.transformer_encoder(torch.cat([self.weight_tokens, waves, self.bias_token]))
+        tokens = torch.cat([self.weight_tokens, waves, self.bias_token])
+        out = self.encoder(tokens)
         return self.fc_weight(out[n:-1] + waves), self.fc_bias(out[-1])
 
 
@@ -107,13 +118,14 @@ class DynamicEmbedding(nn.Module):
     def __init__(self, *, wave_dim: int, patch: int, dim: int) -> None:
         super().__init__()
         self.wave_dim, self.patch, self.dim = wave_dim, patch, dim
-        self.weight_generator = TransformerWeightGenerator(wave_dim, dim * patch * patch, dim)
-        self.fclayer = FCResLayer(wave_dim)
+        self.weight_generator = WavesTransformer(wave_dim, dim * patch * patch, dim)
+        self.fclayer = FCBlock(wave_dim)
 
     def forward(self, x: torch.Tensor, waves: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight_generator(self.fclayer(_sincos_1d(waves * 1000, self.wave_dim)))
-        kernel = weight.view(x.shape[1], self.patch, self.patch, self.dim).permute(3, 0, 1, 2) * 0.01
-        out = F.conv2d(x, kernel.to(x.dtype), bias=(bias * 0.01).to(x.dtype), stride=self.patch)
+        weight, bias = self.weight_generator(self.fclayer(_sincos_1d(waves, self.wave_dim)))
+        # one generated row per input band, laid out (out channel, ky, kx); scaled by 0.02, bias as is
+        kernel = weight.view(x.shape[1], self.dim, self.patch, self.patch).transpose(0, 1) * 0.02
+        out = F.conv2d(x, kernel.to(x.dtype), bias=bias.to(x.dtype), stride=self.patch)
         return out.flatten(2).transpose(1, 2)
 
 

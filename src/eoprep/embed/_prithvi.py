@@ -1,9 +1,13 @@
 """Prithvi-EO-2.0 (NASA/IBM): a ViT over (band, time, y, x) tubelets with fixed 3-D sine-cosine positions.
 
-Parameter names follow ``PrithviViT`` of the Prithvi-EO-2.0 release (``patch_embed.proj`` as a
-Conv3d, ``cls_token``, timm blocks, ``norm``); the released MAE checkpoints keep the encoder under
-``encoder.``, which is the default ``checkpoint_prefix``. Positions are recomputed for the input
-size, so a checkpoint's ``pos_embed`` is not needed.
+Parameter names and shapes follow ``PrithviViT`` of the Prithvi-EO-2.0 release (``prithvi_mae.py``,
+also ``terratorch.models.backbones.prithvi_mae``): ``patch_embed.proj`` as a Conv3d,
+``cls_token``, timm ``blocks.N``, ``norm``. The released checkpoints are ``PrithviMAE`` state
+dicts with the encoder under ``encoder.`` (the default ``checkpoint_prefix``), so the decoder
+(``decoder.*``) is ignored. Positions are recomputed for the input grid, so the checkpoint's
+``pos_embed`` buffer is not needed; the time/location scales of the ``-TL`` checkpoints
+(``temporal_embed_enc.scale``, ``location_embed_enc.scale``) are skipped as well, which is how
+``PrithviViT`` runs when no coordinates are given. 300M uses 16-pixel patches, 600M 14-pixel ones.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ __all__ = ["PrithviEncoder", "build_prithvi"]
 PRITHVI_BANDS = ("blue", "green", "red", "nir08", "swir16", "swir22")
 PRITHVI_MEAN = (0.1087, 0.1342, 0.1433, 0.2734, 0.1958, 0.1363)
 PRITHVI_STD = (0.2248, 0.2179, 0.2178, 0.1850, 0.1242, 0.1049)
-VARIANTS = {"300m": (1024, 24, 16), "600m": (1280, 32, 16)}
+#: (embedding dim, depth, heads, patch) of the released sizes.
+VARIANTS = {"300m": (1024, 24, 16, 16), "600m": (1280, 32, 16, 14)}
+#: Checkpoint entries the encoder does not use (fixed positions, the -TL coordinate scales).
+UNUSED = ("pos_embed", "temporal_embed_enc.scale", "location_embed_enc.scale")
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -33,11 +40,14 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_3d(dim: int, frames: int, rows: int, cols: int) -> torch.Tensor:
-    """Fixed (t, h, w) position table as in Prithvi: 1/4 of the channels for time, 3/8 each for h and w."""
-    w_t = dim // 16 * 4
-    w_hw = (dim - w_t) // 2
+    """Fixed position table as in Prithvi: channels for x (6/16), then y (6/16), then time (4/16).
+
+    Tokens run time-major, then row, then column (the Conv3d output flattened); a zero row for
+    the class token comes first.
+    """
+    w_xy, w_t = dim // 16 * 6, dim // 16 * 4
     t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
-    table = torch.cat([_sincos_1d(w_t, t), _sincos_1d(w_hw, h), _sincos_1d(w_hw, w)], dim=1)
+    table = torch.cat([_sincos_1d(w_xy, w), _sincos_1d(w_xy, h), _sincos_1d(w_t, t)], dim=1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
 
 
@@ -76,12 +86,14 @@ class PrithviEncoder(nn.Module):
 
 
 def build_prithvi(params: dict[str, Any], input_bands: Sequence[str], checkpoint: str | None) -> PrithviEncoder:
-    """The ``prithvi-eo-2`` encoder: ``variant`` 300m/600m (or ``dim``/``depth``/``heads``), ``frames``, ``size``."""
+    """The ``prithvi-eo-2`` encoder: ``variant`` 300m/600m (or ``dim``/``depth``/``heads``/``patch``), ``frames``,
+    ``size``."""
     variant = params.get("variant", "300m")
     if variant not in VARIANTS:
         raise ValueError(f"encoder.params.variant: {variant!r} is not one of {sorted(VARIANTS)}")
-    dim, depth, heads = (params.get(k, v) for k, v in zip(("dim", "depth", "heads"), VARIANTS[variant], strict=True))
-    patch, tubelet = int(params.get("patch", 16)), int(params.get("tubelet", 1))
+    keys = ("dim", "depth", "heads", "patch")
+    dim, depth, heads, patch = (int(params.get(k, v)) for k, v in zip(keys, VARIANTS[variant], strict=True))
+    tubelet = int(params.get("tubelet", 1))
     frames, size = int(params.get("frames", 4)), int(params.get("size", 224))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(params.get("seed", 0)))
@@ -90,9 +102,7 @@ def build_prithvi(params: dict[str, Any], input_bands: Sequence[str], checkpoint
         )
     weights = "random-init"
     if checkpoint is not None:
-        weights = load_checkpoint(
-            model, checkpoint, prefix=params.get("checkpoint_prefix", "encoder."), ignore=("pos_embed",)
-        )
+        weights = load_checkpoint(model, checkpoint, prefix=params.get("checkpoint_prefix", "encoder."), ignore=UNUSED)
     model.info = EncoderInfo(
         name="prithvi-eo-2",
         version=f"{variant}-{dim}x{depth}-p{patch}-t{tubelet}-{frames}x{size}",

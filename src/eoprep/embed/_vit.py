@@ -1,14 +1,19 @@
 """A plain Vision Transformer whose parameter names match timm's ``VisionTransformer``.
 
-timm and torchgeo checkpoints (e.g. torchgeo's Sentinel-2 ViT-S/16 weights, which are timm
-models with ``in_chans=13``) load into it without either package; the blocks are reused by the
-Prithvi adapter.
+Names and shapes are those of timm's class-token ViT (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``), so
+timm and torchgeo checkpoints (e.g. torchgeo's SSL4EO-S12 Sentinel-2 ViT-S/16 weights: timm
+``vit_small_patch16_224`` with ``in_chans=13`` and no head) load into it without either package.
+A classifier ``head`` in the checkpoint is ignored. A checkpoint with more input channels than the
+chips offer loads when ``checkpoint_bands`` names its channels: the patch projection keeps the
+columns of ``bands`` (the dropped bands then count as zero, i.e. their mean). The blocks are
+reused by the Prithvi adapter.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -103,11 +108,32 @@ def _resize_pos(pos: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
 
 
+def _channel_picker(
+    bands: Sequence[str], checkpoint_bands: Sequence[str] | None
+) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    """Keep the patch-projection input channels of ``bands`` from a checkpoint with ``checkpoint_bands``."""
+    if checkpoint_bands is None:
+        return None
+    unknown = [b for b in bands if b not in checkpoint_bands]
+    if unknown:
+        raise ValueError(f"encoder.params.bands: {unknown} are not among checkpoint_bands {list(checkpoint_bands)}")
+    index = [list(checkpoint_bands).index(b) for b in bands]
+
+    def pick(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = state.get("patch_embed.proj.weight")
+        if weight is not None and weight.shape[1] == len(checkpoint_bands):
+            state = {**state, "patch_embed.proj.weight": weight[:, index].contiguous()}
+        return state
+
+    return pick
+
+
 def build_vit(params: dict[str, Any], input_bands: Sequence[str], checkpoint: str | None) -> VitEncoder:
     """The ``vit`` encoder: ``arch`` (vit-t/s/b/l) or explicit ``dim``/``depth``/``heads``, ``size``, ``patch``.
 
-    ``bands`` (default: the input bands) lists the channels in checkpoint order; ``mean``/``std``
-    default to 0.15/0.10 reflectance per band, ``pool`` is ``cls`` or ``mean``.
+    ``bands`` (default: the input bands) lists the channels in checkpoint order, or a subset of
+    ``checkpoint_bands`` (all the checkpoint's channels, in order); ``mean``/``std`` default to
+    0.15/0.10 reflectance per band, ``pool`` is ``cls`` or ``mean``.
     """
     arch = params.get("arch", "vit-b")
     if arch not in PRESETS:
@@ -128,7 +154,13 @@ def build_vit(params: dict[str, Any], input_bands: Sequence[str], checkpoint: st
         )
     weights = "random-init"
     if checkpoint is not None:
-        weights = load_checkpoint(model, checkpoint, prefix=params.get("checkpoint_prefix", ""))
+        weights = load_checkpoint(
+            model,
+            checkpoint,
+            prefix=params.get("checkpoint_prefix", ""),
+            ignore=("head.weight", "head.bias"),
+            adapt=_channel_picker(bands, params.get("checkpoint_bands")),
+        )
     model.info = EncoderInfo(
         name="vit",
         version=f"{arch}-{dim}x{depth}-p{patch}-{size}",
