@@ -444,7 +444,7 @@ def parse_spec(data: Mapping[str, Any], *, origin: str = "<spec>", base: Path | 
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        raise spec_error(exc, origin, drop=lambda loc: loc[0] == "source" and len(loc) > 1) from None
+        raise spec_error(exc, origin, drop=lambda loc: len(loc) > 1 and loc[0] == "source") from None
     if spec.output.codec is not None:
         _validate_codec(spec.output.codec, origin)
     return _resolve_paths(spec, base) if base is not None else spec
