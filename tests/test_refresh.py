@@ -102,6 +102,22 @@ def test_refresh_appends_a_new_date_and_then_has_nothing_to_do(demo_archive, sta
     assert len(manifest["input_items"]["s2"]) == 7 and manifest["watermark"]
 
 
+def test_a_new_date_under_co_registration_gives_what_a_clean_run_gives(demo_archive, stac_server, client, tmp_path):
+    """Stored slots are already corrected against their run's reference; a refresh must not correct them twice."""
+    items = _collection(demo_archive, stac_server, "refresh-align", 6)
+    out = tmp_path / "out"
+    align = {"reference": "s2", "bands": {"s2": ["B04", "B08"]}}
+    run_pipeline(_spec(out, "refresh-align", align=align), client=client, catalog_url=stac_server.url, say=_quiet)
+    stac_server.load([], items[:7])
+    again = run_pipeline(
+        _spec(out, "refresh-align", align=align), client=client, catalog_url=stac_server.url, say=_quiet
+    )
+    assert again.chips_updated == again.chips_planned
+    clean = tmp_path / "clean"
+    run_pipeline(_spec(clean, "refresh-align", align=align), client=client, catalog_url=stac_server.url, say=_quiet)
+    _assert_same_output(out, clean)
+
+
 def test_a_reprocessed_scene_replaces_the_chips_it_touches(demo_archive, stac_server, client, tmp_path):
     items = _collection(demo_archive, stac_server, "refresh-changed", 4)
     out = tmp_path / "out"

@@ -240,8 +240,11 @@ def _triage(
     """Split planned chips into (position, plan) to rewrite and plans to append; up-to-date ones drop out.
 
     A stored chip is rewritten when it was never finished or when any collection's slot signatures
-    changed; slots whose signatures form an unchanged prefix are reused rather than read again.
+    changed; slots whose signatures form an unchanged prefix are reused rather than read again. Not
+    under co-registration: stored slots are already corrected against that run's reference scene, and
+    correcting them again would not give what a clean run writes.
     """
+    reusable = all(layout.align is None for layout in layouts.values())
     states = {key: store.states(key) for key in layouts}
     first = next(iter(layouts))
     work: list[tuple[int, ChipPlan]] = []
@@ -254,7 +257,7 @@ def _triage(
         old = {key: states[key][plan.id].inputs for key in layouts}
         if state.written and all(old[key] == plan.inputs.get(key, []) for key in layouts):
             continue
-        if state.written:
+        if state.written and reusable:
             plan.reuse = {key: _common_prefix(old[key], plan.inputs.get(key, [])) for key in layouts}
         work.append((state.position, plan))
     return work, new
