@@ -340,8 +340,8 @@ def _landsat(folder: Path, land: Landscape, g30: _Grid, start: dt.datetime, seed
         qa[site.cls == 2] |= QA_WATER
         qa[shadow > 0.3] = QA_SHADOW
         qa[cloud > 0.2] = QA_CLOUD
-        _write_cog(out / "qa_pixel.tif", qa, g30, 1)
-        raster = {"nodata": 1, "data_type": "uint16", "spatial_resolution": 30}
+        _write_cog(out / "qa_pixel.tif", qa, g30, QA_FILL)
+        raster = {"nodata": QA_FILL, "data_type": "uint16", "spatial_resolution": 30}
         assets["qa_pixel"] = _asset(out / "qa_pixel.tif", g30, "Pixel quality", raster, ["cloud", "cloud-shadow"])
         props = {
             "platform": "landsat-9x",
