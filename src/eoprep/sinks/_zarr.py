@@ -105,14 +105,13 @@ class ChipStore:
 
     def check_compatible(self, spec: PipelineSpec, layouts: dict[str, CollectionLayout]) -> None:
         """Refuse to extend an output made with another grid or chip layout: mixing them corrupts it."""
-        attrs = dict(self._root().attrs)
-        grid = attrs.get("eoprep:grid", {})
+        root = self._root()
+        grid = dict(root.attrs).get("eoprep:grid", {})
         if grid and (grid.get("cell_size"), grid.get("pixel_size")) != (spec.grid.cell_size, spec.grid.pixel_size):
             raise EoprepError(
                 f"output.path: {self.url} was written with grid {grid}; this spec uses "
                 f"cell_size={spec.grid.cell_size}, pixel_size={spec.grid.pixel_size}. Use a new output path."
             )
-        root = self._root()
         for key, layout in layouts.items():
             if key not in root:
                 continue
@@ -137,17 +136,17 @@ class ChipStore:
         Chips are appended after the existing ones, so earlier full shards are never rewritten;
         only a trailing, partly filled shard is completed.
         """
-        existing = self.chip_ids(next(iter(layouts))) if self.exists() else []
-        n0 = len(existing)
+        n0 = len(self.chip_ids(next(iter(layouts)))) if self.exists() else 0
+        if n0 == 0:
+            root_attrs = {
+                "eoprep:version": __version__,
+                "eoprep:grid": {"cell_size": spec.grid.cell_size, "pixel_size": spec.grid.pixel_size},
+                "eoprep:spec_name": spec.name,
+            }
+            zarr.open_group(self.url, mode="a", zarr_format=3, attributes=root_attrs)  # type: ignore[arg-type]
         for key, layout in layouts.items():
             ds = _metadata_dataset(plans, layout)
             if n0 == 0:
-                root_attrs = {
-                    "eoprep:version": __version__,
-                    "eoprep:grid": {"cell_size": spec.grid.cell_size, "pixel_size": spec.grid.pixel_size},
-                    "eoprep:spec_name": spec.name,
-                }
-                zarr.open_group(self.url, mode="a", zarr_format=3, attributes=root_attrs)  # type: ignore[arg-type]
                 encoding = _encoding(layout, plans[0].grid.size, spec.output.chips_per_shard, (codecs or {}).get(key))
                 ds.to_zarr(
                     self.url,
