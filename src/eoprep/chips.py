@@ -220,8 +220,9 @@ def item_fingerprint(item: pystac.Item, bands: Sequence[str]) -> str:
     return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def _slot_signature(items: Sequence[dict[str, Any]], fingerprints: dict[str, str]) -> str:
-    return hashlib.sha1(",".join(f"{it['id']}:{fingerprints[it['id']]}" for it in items).encode()).hexdigest()[:12]
+def _slot_signature(items: Sequence[dict[str, Any]], fingerprints: dict[tuple[str | None, str], str]) -> str:
+    keys = [(it.get("collection"), it["id"]) for it in items]
+    return hashlib.sha1(",".join(f"{k[1]}:{fingerprints[k]}" for k in keys).encode()).hexdigest()[:12]
 
 
 def _solar_day(item: pystac.Item) -> pd.Timestamp:
@@ -240,7 +241,11 @@ def plan_chips(
 ) -> tuple[list[ChipPlan], list[tuple[str, str]]]:
     """Chips (cell × window) with at least one item, and notes on what was left out and why."""
     footprints = {key: [shapely.geometry.shape(it.geometry) for it in its] for key, its in items.items()}
-    fingerprints = {it.id: item_fingerprint(it, layouts[key].bands) for key, its in items.items() for it in its}
+    fingerprints = {
+        (it.collection_id, it.id): item_fingerprint(it, layouts[key].bands) for key, its in items.items() for it in its
+    }
+    # Serialised once per item, not once per chip it touches: plans ship plain dicts to the workers.
+    dicts = {(it.collection_id, it.id): it.to_dict() for its in items.values() for it in its}
     tolerances = _tolerances(spec)
     plans, notes = [], []
     for cell in cells:
@@ -255,15 +260,15 @@ def plan_chips(
                     for it, fp in zip(its, footprints[key], strict=True)
                     if start <= pd.Timestamp(it.datetime) <= end and fp.intersects(chip_poly)
                 ]
-                slots = _slots(spec, hits, start, end)
+                slots = _slots(spec, hits, start, end, dicts)
                 if len(slots) > layouts[key].n_time and key not in tolerances:
                     notes.append((cid, f"{key}: {len(slots) - layouts[key].n_time} scenes beyond time.max_scenes"))
                     slots = slots[: layouts[key].n_time]
                 plan.slots[key] = slots
-                plan.inputs[key] = [_slot_signature(slot.items, fingerprints) for slot in slots]
-            for key, slots in _match_dates(plan.slots, tolerances).items():
-                plan.slots[key] = slots
-                plan.inputs[key] = [_slot_signature(slot.items, fingerprints) for slot in slots]
+            plan.slots.update(_match_dates(plan.slots, tolerances))
+            plan.inputs = {
+                key: [_slot_signature(slot.items, fingerprints) for slot in slots] for key, slots in plan.slots.items()
+            }
             if any(plan.slots.values()):
                 plans.append(plan)
             else:
@@ -299,13 +304,22 @@ def _match_dates(slots: dict[str, list[SlotPlan]], tolerances: dict[str, pd.Time
     return matched
 
 
-def _slots(spec: PipelineSpec, hits: list[pystac.Item], start: pd.Timestamp, end: pd.Timestamp) -> list[SlotPlan]:
+def _slots(
+    spec: PipelineSpec,
+    hits: list[pystac.Item],
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    dicts: dict[tuple[str | None, str], dict],
+) -> list[SlotPlan]:
     if spec.time.mode == "scenes":
         days: dict[pd.Timestamp, list[pystac.Item]] = {}
         for item in hits:
             days.setdefault(_solar_day(item), []).append(item)
         return [
-            SlotPlan(pd.Timestamp(members[0].datetime).tz_convert("UTC"), tuple(m.to_dict() for m in members))
+            SlotPlan(
+                pd.Timestamp(members[0].datetime).tz_convert("UTC"),
+                tuple(dicts[m.collection_id, m.id] for m in members),
+            )
             for _, members in sorted(days.items())
         ]
     assert spec.time.period is not None
@@ -313,7 +327,7 @@ def _slots(spec: PipelineSpec, hits: list[pystac.Item], start: pd.Timestamp, end
         SlotPlan(
             a,
             tuple(
-                it.to_dict()
+                dicts[it.collection_id, it.id]
                 for it in hits
                 if a <= pd.Timestamp(it.datetime) < b or (b == end and pd.Timestamp(it.datetime) == end)
             ),
