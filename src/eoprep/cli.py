@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -24,6 +25,9 @@ from rich.table import Table
 from eoprep import __version__
 from eoprep.config import EMBEDDED, PipelineSpec, load_spec
 from eoprep.errors import EoprepError
+
+if TYPE_CHECKING:
+    from eoprep.pipeline import RunSummary
 
 __all__ = ["main"]
 
@@ -156,10 +160,7 @@ def _run_spec(spec: PipelineSpec, args: argparse.Namespace, console: Console, ca
     return 0
 
 
-def _print_summary(console: Console, summary: object) -> None:
-    from eoprep.pipeline import RunSummary
-
-    assert isinstance(summary, RunSummary)
+def _print_summary(console: Console, summary: RunSummary) -> None:
     table = Table(title=f"run {summary.run_id}", show_header=False)
     table.add_row("output", summary.output)
     table.add_row("chips written", str(summary.chips_written))
