@@ -357,34 +357,45 @@ def build_chip(
     reuse = plan.reuse.get(layout.key, 0) if stored is not None else 0
     if reuse:
         out[:reuse] = stored[:reuse]
-    attempts = 0
-    for t, slot in enumerate(plan.slots.get(layout.key, [])):
-        if t < reuse or not slot.items:
-            continue
-        for attempt in range(retries + 1):
-            attempts += 1
-            try:
-                scenes = read_items(
-                    slot.items,
-                    layout.bands,
-                    plan.grid,
-                    dtype=dtype,
-                    nodata=layout.nodata,
-                    engine=engine,
-                    resampling=layout.resampling,
-                )
-                break
-            except Exception:
-                if attempt == retries:
-                    raise
-                sleep(backoff * 2**attempt * (0.5 + random.random()))
-        out[t] = _median_of_clear(scenes, layout) if composite else _first_valid(scenes, layout.nodata)
-    return out, max(attempts, 1)
+    todo = [(t, slot) for t, slot in enumerate(plan.slots.get(layout.key, [])) if t >= reuse and slot.items]
+    if not todo:
+        return out, 1
+    # One read for all slots: the engines' fixed cost per call is larger than a chip window read.
+    where: dict[str, int] = {}
+    items: list[dict[str, Any]] = []
+    for _, slot in todo:
+        for item in slot.items:
+            if item["id"] not in where:
+                where[item["id"]] = len(items)
+                items.append(item)
+    for attempt in range(retries + 1):
+        try:
+            scenes = read_items(
+                items,
+                layout.bands,
+                plan.grid,
+                dtype=dtype,
+                nodata=layout.nodata,
+                engine=engine,
+                resampling=layout.resampling,
+            )
+            break
+        except Exception:
+            if attempt == retries:
+                raise
+            sleep(backoff * 2**attempt * (0.5 + random.random()))
+    for t, slot in todo:
+        picked = [where[item["id"]] for item in slot.items]
+        if composite:
+            out[t] = _median_of_clear(scenes[picked], layout)
+        else:
+            out[t] = scenes[picked[0]] if len(picked) == 1 else _first_valid(scenes[picked], layout.nodata)
+    return out, attempt + 1
 
 
 def _first_valid(scenes: np.ndarray, nodata: float) -> np.ndarray:
     """Mosaic same-day scenes: each pixel from the first scene that has data there."""
-    out = scenes[0].copy()
+    out = scenes[0]
     for scene in scenes[1:]:
         hole = is_nodata(out, nodata)
         out[hole] = scene[hole]
@@ -425,15 +436,21 @@ def chip_quality(chip: np.ndarray, layout: CollectionLayout) -> tuple[float, flo
     The cloud fraction counts the ``quality.cloud`` flags of the collection's quality band (SCL,
     QA_PIXEL); it is NaN for collections without one.
     """
-    filled = ~is_nodata(chip, layout.nodata).all(axis=(1, 2, 3))
+    # Band plane by band plane: reductions over the band axis of the whole chip cost several times more.
+    holes = is_nodata(chip[:, 0], layout.nodata)
+    empty = holes.copy()
+    for k in range(1, chip.shape[1]):
+        plane = is_nodata(chip[:, k], layout.nodata)
+        holes |= plane
+        empty &= plane
+    filled = ~empty.all(axis=(1, 2))
     if not filled.any():
         return 0.0, float("nan")
-    data = chip[filled]
-    valid = ~is_nodata(data, layout.nodata).any(axis=1)
+    valid = ~holes[filled]
     cloud = float("nan")
     rule = _mask_rule(layout)
     if rule is not None and valid.any():
-        cloud = float(rule.cloudy(data[:, layout.bands.index(rule.band)])[valid].mean())
+        cloud = float(rule.cloudy(chip[filled, layout.bands.index(rule.band)])[valid].mean())
     return float(valid.mean()), cloud
 
 

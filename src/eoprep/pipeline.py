@@ -312,27 +312,40 @@ def _execute(
     ]
     where = {plan.id: pos for s in slices for pos, plan in zip(s.positions, s.plans, strict=True)}
     results: list[ChipResult] = []
+    pending: list[ChipResult] = []
+    last_record = time.monotonic()
     if progress:
         progress(0, total)
-    for future in as_completed(futures):
-        try:
-            shard_results = future.result()
-        except ChipFailed:
-            for other in futures:
-                other.cancel()
-            raise
-        except Exception as exc:
-            if spec.loader.on_error == "fail":
-                raise EoprepError(f"a shard task failed: {type(exc).__name__}: {_first_line(exc)}") from None
-            shard = slices[futures.index(future)]
-            reason = f"task failed: {type(exc).__name__}: {_first_line(exc)}"
-            shard_results = [ChipResult(p.id, written=False, reason=reason) for p in shard.plans]
-        # Recorded shard by shard: a run killed now keeps what is done, the next run finishes the rest.
-        store.record(layouts, where, shard_results)
-        results.extend(shard_results)
-        if progress:
-            progress(len(results), total)
+    try:
+        for future in as_completed(futures):
+            try:
+                shard_results = future.result()
+            except ChipFailed:
+                for other in futures:
+                    other.cancel()
+                raise
+            except Exception as exc:
+                if spec.loader.on_error == "fail":
+                    raise EoprepError(f"a shard task failed: {type(exc).__name__}: {_first_line(exc)}") from None
+                shard = slices[futures.index(future)]
+                reason = f"task failed: {type(exc).__name__}: {_first_line(exc)}"
+                shard_results = [ChipResult(p.id, written=False, reason=reason) for p in shard.plans]
+            results.extend(shard_results)
+            pending.extend(shard_results)
+            # Recorded every few seconds, not per shard (each record rewrites the per-chip columns):
+            # a run killed now keeps what was recorded, the next run finishes the rest.
+            if time.monotonic() - last_record >= _RECORD_EVERY_S:
+                store.record(layouts, where, pending)
+                pending, last_record = [], time.monotonic()
+            if progress:
+                progress(len(results), total)
+    finally:
+        if pending:
+            store.record(layouts, where, pending)
     return results
+
+
+_RECORD_EVERY_S = 2.0
 
 
 def _manifest(

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec
 
 from eoprep import __version__
 from eoprep.chips import ChipPlan, ChipResult, CollectionLayout
@@ -42,6 +42,10 @@ __all__ = ["CHIPS_STORE", "ChipStore"]
 
 CHIPS_STORE = "chips.zarr"
 _NAT = np.iinfo(np.int64).min
+#: Blosc LZ4 with byte shuffle (zarr-python 2's default): a Zarr v3 core codec, so plain zarr reads it;
+#: it encodes ~5x and decodes ~3x faster than zstd level 3 for ~25 % more bytes. Chips are written once
+#: on a busy worker and read every training epoch; ``output.codec: {name: zstd}`` trades that speed for size.
+DEFAULT_COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 _TIME_ENCODING = {"units": "microseconds since 1970-01-01", "dtype": "int64", "_FillValue": _NAT}
 
 
@@ -241,7 +245,7 @@ class ChipStore:
                 v[i] = res.valid_fraction.get(key, np.nan)
                 c[i] = res.cloud_fraction.get(key, np.nan)
             written[:], valid[:], cloud[:] = w, v, c
-            if any(key in res.shifts for res in results) and "shift_x" in root[key]:
+            if any(entry is not None for res in results for entry in res.shifts.get(key, [])):
                 _record_shifts(root[key], key, positions, results)
 
     def consolidate(self) -> None:
@@ -258,7 +262,7 @@ def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[s
         "chunks": inner,
         "shards": (per_shard, *inner[1:]),
     }
-    pixels.update(codec if codec is not None else {"compressors": [ZstdCodec(level=3)]})
+    pixels.update(codec if codec is not None else {"compressors": [DEFAULT_COMPRESSOR]})
     return {
         "pixels": pixels,
         "datetime": dict(_TIME_ENCODING),

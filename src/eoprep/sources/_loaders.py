@@ -106,7 +106,7 @@ def _fill_nodata(data: np.ndarray, ds: Any, bands: Sequence[str], nodata: float)
 
 
 def _same(a: float, b: float) -> bool:
-    return (np.isnan(a) and np.isnan(b)) if isinstance(a, float) and isinstance(b, float) else a == b
+    return bool(a == b or (np.isnan(a) and np.isnan(b)))
 
 
 def is_nodata(values: np.ndarray, nodata: float) -> np.ndarray:
@@ -200,16 +200,32 @@ def _read_rasterio(
         for k, band in enumerate(bands):
             method = resampling.get(band, "nearest") if isinstance(resampling, dict) else resampling
             src = _open_cached(item["assets"][band]["href"])
-            plane = _read_aligned(src, grid, method)
-            if plane is None:
-                plane = _read_warped(src, grid, method)
-            data, valid = plane
-            out[i, k][valid] = data[valid]
+            if not _read_aligned(src, grid, method, out[i, k], nodata):
+                _read_warped(src, grid, method, out[i, k], nodata)
     return out
 
 
-def _read_aligned(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Read the chip from the source's own pixel grid when no warp is needed.
+def _paste(dst: np.ndarray, block: np.ma.MaskedArray | np.ndarray, src_nodata: float | None, nodata: float) -> None:
+    """Copy valid source pixels into ``dst`` (already filled with ``nodata``)."""
+    if isinstance(block, np.ma.MaskedArray):
+        valid = ~np.ma.getmaskarray(block)
+        dst[valid] = block.data[valid]
+    elif src_nodata is None or _same(float(src_nodata), float(nodata)):
+        dst[...] = block  # the source's nodata is ours: no mask needed
+    else:
+        valid = ~is_nodata(block, src_nodata)
+        dst[valid] = block[valid]
+
+
+def _nodata_only(src: Any) -> bool:
+    """The band's validity is its nodata value (or everything is valid): no mask band to read."""
+    from rasterio.enums import MaskFlags
+
+    return set(src.mask_flag_enums[0]) <= {MaskFlags.nodata, MaskFlags.all_valid}
+
+
+def _read_aligned(src: Any, grid: ChipGrid, method: str, dst: np.ndarray, nodata: float) -> bool:
+    """Read the chip from the source's own pixel grid when no warp is needed; False when one is.
 
     That is the case when the CRS matches, the source pixel is an integer multiple of the chip pixel
     and the chip's edges fall on chip-pixel steps of the source grid: then a windowed read, upsampled
@@ -221,26 +237,24 @@ def _read_aligned(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np
 
     t = src.transform
     if src.crs is None or src.crs.to_string() != grid.crs or t.b != 0 or t.d != 0 or abs(t.a + t.e) > 1e-9:
-        return None
+        return False
     ratio = t.a / grid.pixel_size
     x_px = (grid.x0 - t.c) / grid.pixel_size
     y_px = (t.f - grid.y0) / grid.pixel_size
     if not all(abs(v - round(v)) < 1e-6 for v in (ratio, x_px, y_px)) or round(ratio) < 1:
-        return None
+        return False
     ratio, x_px, y_px = round(ratio), round(x_px), round(y_px)
     if method != "nearest" and (ratio != 1):
-        return None
+        return False
     c0, r0 = max(x_px // ratio, 0), max(y_px // ratio, 0)
     c1 = min(-(-(x_px + grid.size) // ratio), src.width)
     r1 = min(-(-(y_px + grid.size) // ratio), src.height)
-    data = np.zeros((grid.size, grid.size), dtype=src.dtypes[0])
-    valid = np.zeros((grid.size, grid.size), dtype=bool)
     if c0 >= c1 or r0 >= r1:
-        return data, valid
+        return True
     block = src.read(
         1,
         window=Window(c0, r0, c1 - c0, r1 - r0),
-        masked=True,
+        masked=not _nodata_only(src),
         out_shape=((r1 - r0) * ratio, (c1 - c0) * ratio),
         resampling=Resampling[method],
     )
@@ -249,12 +263,11 @@ def _read_aligned(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np
     cy0, cx0 = max(ys0, 0), max(xs0, 0)
     cy1, cx1 = min(ys0 + block.shape[0], grid.size), min(xs0 + block.shape[1], grid.size)
     part = block[cy0 - ys0 : cy1 - ys0, cx0 - xs0 : cx1 - xs0]
-    data[cy0:cy1, cx0:cx1] = part.data
-    valid[cy0:cy1, cx0:cx1] = ~np.ma.getmaskarray(part)
-    return data, valid
+    _paste(dst[cy0:cy1, cx0:cx1], part, src.nodata, nodata)
+    return True
 
 
-def _read_warped(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_warped(src: Any, grid: ChipGrid, method: str, dst: np.ndarray, nodata: float) -> None:
     from affine import Affine
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
@@ -263,8 +276,7 @@ def _read_warped(src: Any, grid: ChipGrid, method: str) -> tuple[np.ndarray, np.
     with WarpedVRT(
         src, crs=grid.crs, transform=transform, width=grid.size, height=grid.size, resampling=Resampling[method]
     ) as vrt:
-        block = vrt.read(1, masked=True)
-    return block.data, ~np.ma.getmaskarray(block)
+        _paste(dst, vrt.read(1, masked=True), None, nodata)
 
 
 _ENGINES: dict[str, Callable[..., np.ndarray]] = {
