@@ -19,7 +19,7 @@ from eoprep.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 
-#: Codecs are per output, so codec runs write S2 only (uint16); the float32 S1 group stays on zstd.
+#: Codecs are per output, so codec runs write S2 only (uint16); the float32 S1 group stays on the default.
 S2_ONLY = [{"id": S2_COLLECTION, "name": "s2", "bands": ["B02", "B03", "B04", "B08", "B11", "B12", "SCL"]}]
 
 
@@ -43,7 +43,7 @@ def _stored(out: Path) -> int:
 
 @pytest.fixture(scope="module")
 def zstd_run(stac_api, client, tmp_path_factory) -> Path:
-    """The default output (zarr's zstd), S2 and S1: the reference for codec runs and the bench's input."""
+    """The default output (zarr's blosc-lz4), S2 and S1: the reference for codec runs and the bench's input."""
     return _run(tmp_path_factory.mktemp("codecs") / "zstd", stac_api, client)
 
 
