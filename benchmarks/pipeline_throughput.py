@@ -29,17 +29,18 @@ import numpy as np
 import rasterio
 from rasterio.windows import from_bounds
 
-from eoprep.catalog_server import LocalStacServer
+from eoprep.catalog_server import LocalStacServer, default_data_dir
 from eoprep.config import parse_spec
-from eoprep.demo import DEMO_DATETIME, S2_COLLECTION, generate_archive
+from eoprep.demo import DEMO_DATETIME, S2_COLLECTION
+from eoprep.embedded import demo_archive
 from eoprep.grid import GlobalGrid
 from eoprep.pipeline import run_pipeline
 from eoprep.runtime import dask_client
 
 BANDS = ["B02", "B03", "B04", "B08", "B11", "B12", "SCL"]
-ARCHIVE_BBOX = (9.00, 45.40, 9.14, 45.50)
-SMALL_AOI = [9.03, 45.42, 9.08, 45.45]
-LARGE_AOI = [9.01, 45.41, 9.13, 45.49]
+ARCHIVE_BBOX = (9.00, 45.40, 9.28, 45.60)
+SMALL_AOI = [9.03, 45.42, 9.12, 45.50]
+LARGE_AOI = [9.01, 45.41, 9.27, 45.59]
 CELL, PIXEL = 2560.0, 10.0
 
 _handles: dict[str, Any] = {}
@@ -139,8 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="eoprep-bench-") as tmp:
         root = Path(tmp)
-        print("generating the archive …", flush=True)
-        archive = generate_archive(root / "archive", bbox=ARCHIVE_BBOX)
+        archive = demo_archive(default_data_dir() / "bench-archive", bbox=ARCHIVE_BBOX, say=print)
         items = [i for i in archive.items if i["collection"] == S2_COLLECTION]
         server = LocalStacServer(root / "catalog")
         server.start()

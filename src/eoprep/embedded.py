@@ -9,20 +9,25 @@ from pathlib import Path
 
 from eoprep import __version__
 from eoprep.catalog_server import LocalStacServer, default_data_dir
-from eoprep.demo import DemoArchive, generate_archive
+from eoprep.demo import DEMO_BBOX, DemoArchive, generate_archive
 
 __all__ = ["demo_archive", "embedded_catalog"]
 
 _MARKER = "archive.json"
 
 
-def demo_archive(root: Path | None = None, *, say: Callable[[str], None] = print) -> DemoArchive:
-    """The demo archive under ``root``, generated once and reused while eoprep's version is unchanged."""
+def demo_archive(
+    root: Path | None = None,
+    *,
+    bbox: tuple[float, float, float, float] = DEMO_BBOX,
+    say: Callable[[str], None] = print,
+) -> DemoArchive:
+    """The demo archive of ``bbox`` under ``root``, generated once and reused while eoprep's version is unchanged."""
     root = root or default_data_dir() / "demo-archive"
     marker = root / _MARKER
     if marker.exists():
         meta = json.loads(marker.read_text())
-        if meta.get("version") == __version__:
+        if meta.get("version") == __version__ and tuple(meta.get("bbox", ())) == tuple(bbox):
             doc = json.loads((root / "catalog.json").read_text())
             return DemoArchive(
                 root=root,
@@ -32,7 +37,7 @@ def demo_archive(root: Path | None = None, *, say: Callable[[str], None] = print
                 items=doc["items"],
             )
     say(f"generating the demo archive in {root}")
-    archive = generate_archive(root, progress=lambda msg: say(f"  {msg}"))
+    archive = generate_archive(root, bbox=bbox, progress=lambda msg: say(f"  {msg}"))
     marker.write_text(json.dumps({"version": __version__, "bbox": archive.bbox, "datetime": archive.datetime}))
     return archive
 
