@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from eoprep.errors import EoprepError
+from eoprep.readers._geotiff import decode_geotiff
 
 __all__ = ["ChipRecord", "ChipSource", "ShardError", "TacoSource", "ZarrSource", "open_source"]
 
@@ -306,7 +307,8 @@ class TacoSource(_Source):
     """The ``.tacozip`` shards of an output, listed by their consolidated ``.tacocat`` metadata.
 
     Payloads are read with one ranged request each and checked against the CRC32 recorded at
-    write time, so a corrupt shard raises instead of yielding wrong pixels.
+    write time, so a corrupt shard raises instead of yielding wrong pixels. They are decoded without
+    GDAL when laid out as the TACO sink writes them (`decode_geotiff`), through rasterio otherwise.
     """
 
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -383,8 +385,6 @@ class TacoSource(_Source):
             )
 
     def read(self, record: ChipRecord, groups: Sequence[str]) -> dict[str, np.ndarray]:
-        from rasterio.io import MemoryFile
-
         self.check_shard(record.shard)
         path = _join(self.root, record.shard)
         out = {}
@@ -397,13 +397,23 @@ class TacoSource(_Source):
                     f"({p.size} bytes at {p.offset}) fails its CRC32 check"
                 )
             try:
-                with MemoryFile(io.BytesIO(data)) as mem, mem.open() as ds:
-                    out[g] = ds.read().reshape(p.shape)
+                out[g] = _decode_payload(data, p.shape)
             except Exception as exc:
                 raise ShardError(
                     f"shard {_join(self.url, record.shard)}: payload {record.id}/{g} does not decode: {exc}"
                 ) from None
         return out
+
+
+def _decode_payload(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """A GeoTIFF payload's pixels: the layout the TACO sink writes without GDAL, any other through rasterio."""
+    pixels = decode_geotiff(data, shape)
+    if pixels is not None:
+        return pixels
+    from rasterio.io import MemoryFile
+
+    with MemoryFile(io.BytesIO(data)) as mem, mem.open() as ds:
+        return ds.read().reshape(shape)
 
 
 def _taco_times(row: Mapping[str, Any]) -> np.ndarray:
