@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from eoprep.errors import EoprepError
 from eoprep.readers._geotiff import decode_geotiff
+from eoprep.shard_format import EMPTY, ShardFormat
 
 __all__ = ["ChipRecord", "ChipSource", "ShardError", "TacoSource", "ZarrSource", "open_source"]
 
@@ -132,7 +133,7 @@ class ZarrSource(_Source):
         times = {g: _micros(_decode_times(root[f"{g}/datetime"])) for g in self.groups}
         quality = {g: (root[f"{g}/valid_fraction"][:], root[f"{g}/cloud_fraction"][:]) for g in self.groups}
         pixels = {g: root[f"{g}/pixels"] for g in self.groups}
-        self._layouts = {g: _ShardLayout.from_metadata(a.metadata.to_dict(), a.fill_value) for g, a in pixels.items()}
+        self._layouts = {g: ShardFormat.from_metadata(a.metadata.to_dict(), a.fill_value) for g, a in pixels.items()}
         self.records = [
             ChipRecord(
                 id=ids[i],
@@ -193,7 +194,7 @@ class ZarrSource(_Source):
                 ) from None
         return out
 
-    def _read_inner(self, layout: _ShardLayout, key: str, index: int) -> np.ndarray:
+    def _read_inner(self, layout: ShardFormat, key: str, index: int) -> np.ndarray:
         """One chip straight from its shard object: a cached shard index, one ranged read, one decode."""
         path = _join(self.root, key)
         indexes = self.__dict__.setdefault("_handles", {}).setdefault("indexes", {})
@@ -201,7 +202,7 @@ class ZarrSource(_Source):
             indexes[key] = layout.shard_index(self.fs.cat_file(path, start=-layout.index_nbytes))
         offset, nbytes = indexes[key][index]
         out = np.empty(layout.shape, dtype=layout.dtype)
-        if offset == _EMPTY:
+        if offset == EMPTY:
             out.fill(layout.fill_value)
             return out
         data = self.fs.cat_file(path, start=int(offset), end=int(offset + nbytes))
@@ -209,77 +210,6 @@ class ZarrSource(_Source):
             raise ValueError(f"chunk {index} ends after the end of the shard ({len(data)} of {nbytes} bytes)")
         layout.decode(data, out)
         return out
-
-
-_EMPTY = np.uint64(2**64 - 1)
-
-
-@dataclass(frozen=True)
-class _ShardLayout:
-    """The shard format we write (one chip per inner chunk, index at the end), read without zarr's machinery.
-
-    Zarr's general read path costs more than the decode itself for one chip; readers hit it once per
-    sample. Stores with any other codec chain are read through zarr.
-    """
-
-    chips: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fill_value: Any
-    compressor: Any
-
-    @property
-    def index_nbytes(self) -> int:
-        return 16 * self.chips + 4
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], fill_value: Any) -> _ShardLayout | None:
-        import numcodecs
-
-        codecs = meta.get("codecs", [])
-        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
-            return None
-        conf = codecs[0]["configuration"]
-        shard_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
-        inner = conf["chunk_shape"]
-        index_codecs = [c.get("name") for c in conf.get("index_codecs", [])]
-        chain = conf["codecs"]
-        if (
-            conf.get("index_location", "end") != "end"
-            or index_codecs != ["bytes", "crc32c"]
-            or inner[0] != 1
-            or list(shard_shape[1:]) != list(inner[1:])
-            or not chain
-            or chain[0].get("name") != "bytes"
-            or len(chain) > 2
-        ):
-            return None
-        endian = "<" if chain[0].get("configuration", {}).get("endian", "little") == "little" else ">"
-        compressors = {"zstd": numcodecs.Zstd, "blosc": numcodecs.Blosc, "gzip": numcodecs.GZip}
-        compressor = None
-        if len(chain) == 2:
-            if chain[1].get("name") not in compressors:
-                return None
-            compressor = compressors[chain[1]["name"]]()
-        dtype = np.dtype(meta["data_type"]).newbyteorder(endian)
-        if not dtype.isnative:
-            return None
-        return cls(int(shard_shape[0]), tuple(inner[1:]), dtype, fill_value, compressor)
-
-    def shard_index(self, tail: bytes) -> np.ndarray:
-        """``(offset, nbytes)`` of each inner chunk, checked against the index's CRC32C."""
-        import google_crc32c
-
-        body, checksum = tail[:-4], tail[-4:]
-        if len(tail) != self.index_nbytes or google_crc32c.value(body).to_bytes(4, "little") != checksum:
-            raise ValueError("the shard index fails its CRC32C check (truncated or overwritten shard)")
-        return np.frombuffer(body, dtype="<u8").reshape(self.chips, 2)
-
-    def decode(self, data: bytes, out: np.ndarray) -> None:
-        if self.compressor is None:
-            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
-        else:
-            self.compressor.decode(data, out=out)
 
 
 def _decode_times(arr: Any) -> np.ndarray:

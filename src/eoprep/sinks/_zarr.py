@@ -37,6 +37,7 @@ from eoprep import __version__
 from eoprep.chips import ChipPlan, ChipResult, CollectionLayout
 from eoprep.config import PipelineSpec
 from eoprep.errors import EoprepError
+from eoprep.shard_format import ShardFormat
 
 __all__ = ["CHIPS_STORE", "ChipStore"]
 
@@ -178,19 +179,33 @@ class ChipStore:
     def write_slice(self, key: str, positions: Sequence[int], data: np.ndarray) -> int:
         """Write chips of one group that share a shard; called on workers, one shard at a time.
 
+        A whole shard is encoded here and stored as one object (zarr's stores replace an object
+        atomically); a partial one (a refresh rewriting some of its chips) goes through zarr.
         Returns the stored size of the shard written, i.e. the bytes this write put on storage.
         """
+        from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
         arr = zarr.open_array(self.url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
+        per_shard = arr.shards[0]
+        shard_no = positions[0] // per_shard
+        shard = f"{arr.path}/{arr.metadata.encode_chunk_key((shard_no, 0, 0, 0, 0))}"
+        whole = range(shard_no * per_shard, min((shard_no + 1) * per_shard, arr.shape[0]))
+        layout = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+        if layout is not None and list(positions) == list(whole):
+            blob = layout.encode(data)
+            if blob is None:
+                sync(arr.store.delete(shard))
+                return 0
+            sync(arr.store.set(shard, default_buffer_prototype().buffer.from_bytes(blob)))
+            return len(blob)
         start = positions[0]
         if list(positions) == list(range(start, start + len(positions))):
             arr[start : start + len(positions)] = data
         else:
             arr.oindex[list(positions)] = data
-        shard = arr.metadata.encode_chunk_key((start // arr.shards[0], 0, 0, 0, 0))
         try:
-            return int(sync(arr.store.getsize(f"{arr.path}/{shard}")))
+            return int(sync(arr.store.getsize(shard)))
         except FileNotFoundError:
             return 0  # a shard of nothing but fill values is not stored at all
 

@@ -1,0 +1,129 @@
+"""The shard objects of our pixel arrays, encoded and decoded without zarr's general machinery.
+
+Our pixel arrays have one chip per inner chunk and the shard index at the end, with a plain
+``bytes`` serializer and at most one standard compressor. For that layout, cutting one chip out of
+a shard (readers, once per sample) or encoding a whole shard (workers, once per shard) is a few
+lines; zarr's general path costs more than the decode or the encode itself. Anything else (custom
+codecs, big-endian data, other chunkings) is left to zarr, and both paths write and read the same
+bytes as zarr's sharding codec specifies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EMPTY", "ShardFormat"]
+
+#: Index entry (offset and size) of an inner chunk that is not stored: it reads as fill values.
+EMPTY = np.uint64(2**64 - 1)
+
+
+@dataclass(frozen=True)
+class ShardFormat:
+    """Chips per shard, one chip's shape and dtype, the fill value and the compressor of a pixel array."""
+
+    chips: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill_value: Any
+    compressor: Any
+
+    @property
+    def index_nbytes(self) -> int:
+        return 16 * self.chips + 4
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], fill_value: Any) -> ShardFormat | None:
+        """The format of an array from its ``zarr.json`` metadata, or None when zarr must handle it."""
+        import numcodecs
+
+        codecs = meta.get("codecs", [])
+        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            return None
+        conf = codecs[0]["configuration"]
+        shard_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        inner = conf["chunk_shape"]
+        index_codecs = [c.get("name") for c in conf.get("index_codecs", [])]
+        chain = conf["codecs"]
+        if (
+            conf.get("index_location", "end") != "end"
+            or index_codecs != ["bytes", "crc32c"]
+            or inner[0] != 1
+            or list(shard_shape[1:]) != list(inner[1:])
+            or not chain
+            or chain[0].get("name") != "bytes"
+            or len(chain) > 2
+        ):
+            return None
+        endian = "<" if chain[0].get("configuration", {}).get("endian", "little") == "little" else ">"
+        compressor = None
+        if len(chain) == 2:
+            name, options = chain[1].get("name"), dict(chain[1].get("configuration", {}))
+            if name == "zstd":
+                compressor = numcodecs.Zstd(level=options.get("level", 0), checksum=options.get("checksum", False))
+            elif name == "blosc":
+                shuffles = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+                compressor = numcodecs.Blosc(
+                    cname=options.get("cname", "lz4"),
+                    clevel=options.get("clevel", 5),
+                    shuffle=shuffles.get(options.get("shuffle", "shuffle"), 1),
+                    blocksize=options.get("blocksize", 0),
+                )
+            elif name == "gzip":
+                compressor = numcodecs.GZip(level=options.get("level", 5))
+            else:
+                return None
+        dtype = np.dtype(meta["data_type"]).newbyteorder(endian)
+        if not dtype.isnative:
+            return None
+        return cls(int(shard_shape[0]), tuple(inner[1:]), dtype, fill_value, compressor)
+
+    def shard_index(self, tail: bytes) -> np.ndarray:
+        """``(offset, nbytes)`` of each inner chunk, checked against the index's CRC32C."""
+        import google_crc32c
+
+        body, checksum = tail[:-4], tail[-4:]
+        if len(tail) != self.index_nbytes or google_crc32c.value(body).to_bytes(4, "little") != checksum:
+            raise ValueError("the shard index fails its CRC32C check (truncated or overwritten shard)")
+        return np.frombuffer(body, dtype="<u8").reshape(self.chips, 2)
+
+    def decode(self, data: bytes, out: np.ndarray) -> None:
+        """Decode one stored inner chunk into ``out`` (shape `shape`, dtype `dtype`)."""
+        if self.compressor is None:
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            self.compressor.decode(data, out=out)
+
+    def encode(self, chips: np.ndarray) -> bytes | None:
+        """A whole shard object for ``chips`` (at most `chips` of them, in position order).
+
+        Chips made of fill values only are not stored, as zarr does; None when no chip is stored,
+        i.e. the shard object should not exist.
+        """
+        import google_crc32c
+
+        index = np.full((self.chips, 2), EMPTY, dtype="<u8")
+        parts: list[bytes] = []
+        offset = 0
+        for j, chip in enumerate(chips):
+            if self._all_fill(chip):
+                continue
+            chip = np.ascontiguousarray(chip, dtype=self.dtype)
+            payload = chip.tobytes() if self.compressor is None else bytes(self.compressor.encode(chip))
+            index[j] = (offset, len(payload))
+            parts.append(payload)
+            offset += len(payload)
+        if not parts:
+            return None
+        body = index.tobytes()
+        return b"".join([*parts, body, google_crc32c.value(body).to_bytes(4, "little")])
+
+    def _all_fill(self, chip: np.ndarray) -> bool:
+        fill = self.fill_value
+        if isinstance(fill, float | np.floating) and np.isnan(fill):
+            return bool(np.isnan(chip).all())
+        return bool((chip == fill).all())

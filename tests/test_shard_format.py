@@ -1,0 +1,92 @@
+"""Our direct shard encoding and decoding agree with zarr's sharding codec, for every chain we accept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from eoprep.shard_format import EMPTY, ShardFormat
+
+CHAINS = [
+    ("uint16", [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]),
+    ("uint16", [ZstdCodec(level=3)]),
+    ("float32", [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]),
+    ("int16", [GzipCodec(level=1)]),
+    ("uint8", None),
+]
+
+
+def _array(path, dtype, compressors, shape=(7, 3, 2, 16, 16), per_shard=4):
+    fill = np.nan if np.dtype(dtype).kind == "f" else 7
+    return zarr.create_array(
+        path,
+        shape=shape,
+        dtype=dtype,
+        chunks=(1, *shape[1:]),
+        shards=(per_shard, *shape[1:]),
+        compressors=compressors,
+        fill_value=fill,
+    )
+
+
+def _data(arr):
+    data = np.random.default_rng(0).integers(0, 200, arr.shape).astype(arr.dtype)
+    data[2] = arr.fill_value  # a chip of fill values only: not stored, read back as fill
+    return data
+
+
+@pytest.mark.parametrize(("dtype", "compressors"), CHAINS)
+def test_decoding_chips_matches_zarr(tmp_path, dtype, compressors):
+    arr = _array(tmp_path / "a.zarr", dtype, compressors)
+    arr[:] = _data(arr)
+    fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+    assert fmt is not None and fmt.chips == 4
+    for position in range(arr.shape[0]):
+        raw = (tmp_path / "a.zarr" / "c" / str(position // 4) / "0" / "0" / "0" / "0").read_bytes()
+        offset, nbytes = fmt.shard_index(raw[-fmt.index_nbytes :])[position % 4]
+        out = np.empty(fmt.shape, dtype=fmt.dtype)
+        if offset == EMPTY:
+            out.fill(fmt.fill_value)
+        else:
+            fmt.decode(raw[offset : offset + nbytes], out)
+        assert out.tobytes() == np.asarray(arr[position]).tobytes()
+
+
+@pytest.mark.parametrize(("dtype", "compressors"), CHAINS)
+def test_encoded_shards_read_back_through_zarr(tmp_path, dtype, compressors):
+    arr = _array(tmp_path / "a.zarr", dtype, compressors)
+    data = _data(arr)
+    fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+    for shard_no, start in enumerate(range(0, arr.shape[0], 4)):  # the last shard is partial: 3 of 4 chips
+        blob = fmt.encode(data[start : start + 4])
+        key = arr.metadata.encode_chunk_key((shard_no, 0, 0, 0, 0))
+        sync(arr.store.set(key, default_buffer_prototype().buffer.from_bytes(blob)))
+    back = zarr.open_array(tmp_path / "a.zarr", mode="r")[:]
+    assert back.tobytes() == data.tobytes()
+
+
+def test_a_shard_of_fill_values_is_not_stored(tmp_path):
+    arr = _array(tmp_path / "a.zarr", "uint16", None)
+    fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+    assert fmt.encode(np.full((4, *arr.shape[1:]), 7, dtype="uint16")) is None
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path):
+    plain = zarr.create_array(tmp_path / "p.zarr", shape=(4, 8), dtype="uint16", chunks=(1, 8))
+    assert ShardFormat.from_metadata(plain.metadata.to_dict(), plain.fill_value) is None
+    wide = zarr.create_array(tmp_path / "w.zarr", shape=(4, 8), dtype="uint16", chunks=(2, 8), shards=(4, 8))
+    assert ShardFormat.from_metadata(wide.metadata.to_dict(), wide.fill_value) is None
+
+
+def test_a_damaged_shard_index_is_refused(tmp_path):
+    arr = zarr.create_array(tmp_path / "a.zarr", shape=(4, 8), dtype="uint16", chunks=(1, 8), shards=(4, 8))
+    arr[:] = 3
+    fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+    raw = bytearray((tmp_path / "a.zarr" / "c" / "0" / "0").read_bytes())
+    raw[-10] ^= 0xFF
+    with pytest.raises(ValueError, match="CRC32C"):
+        fmt.shard_index(bytes(raw[-fmt.index_nbytes :]))
