@@ -358,39 +358,45 @@ def build_chip(
     if reuse:
         out[:reuse] = stored[:reuse]
     todo = [(t, slot) for t, slot in enumerate(plan.slots.get(layout.key, [])) if t >= reuse and slot.items]
-    if not todo:
-        return out, 1
-    # One read for all slots: the engines' fixed cost per call is larger than a chip window read.
-    where: dict[str, int] = {}
-    items: list[dict[str, Any]] = []
-    for _, slot in todo:
-        for item in slot.items:
-            if item["id"] not in where:
-                where[item["id"]] = len(items)
-                items.append(item)
-    for attempt in range(retries + 1):
-        try:
-            scenes = read_items(
-                items,
-                layout.bands,
-                plan.grid,
-                dtype=dtype,
-                nodata=layout.nodata,
-                engine=engine,
-                resampling=layout.resampling,
-            )
-            break
-        except Exception:
-            if attempt == retries:
-                raise
-            sleep(backoff * 2**attempt * (0.5 + random.random()))
-    for t, slot in todo:
-        picked = [where[item["id"]] for item in slot.items]
-        if composite:
-            out[t] = _median_of_clear(scenes[picked], layout)
-        else:
-            out[t] = scenes[picked[0]] if len(picked) == 1 else _first_valid(scenes[picked], layout.nodata)
-    return out, attempt + 1
+    # Scenes: one read for all slots, as an engine's fixed cost per call exceeds a chip window read.
+    # Composites: one read per period, so memory holds one period's scenes, not the whole range's.
+    if composite:
+        batches = [[entry] for entry in todo]
+    else:
+        batches = [todo] if todo else []
+    attempts = 0
+    for batch in batches:
+        where: dict[str, int] = {}
+        items: list[dict[str, Any]] = []
+        for _, slot in batch:
+            for item in slot.items:
+                if item["id"] not in where:
+                    where[item["id"]] = len(items)
+                    items.append(item)
+        for attempt in range(retries + 1):
+            attempts += 1
+            try:
+                scenes = read_items(
+                    items,
+                    layout.bands,
+                    plan.grid,
+                    dtype=dtype,
+                    nodata=layout.nodata,
+                    engine=engine,
+                    resampling=layout.resampling,
+                )
+                break
+            except Exception:
+                if attempt == retries:
+                    raise
+                sleep(backoff * 2**attempt * (0.5 + random.random()))
+        for t, slot in batch:
+            picked = [where[item["id"]] for item in slot.items]
+            if composite:
+                out[t] = _median_of_clear(scenes[picked], layout)
+            else:
+                out[t] = scenes[picked[0]] if len(picked) == 1 else _first_valid(scenes[picked], layout.nodata)
+    return out, max(attempts, 1)
 
 
 def _first_valid(scenes: np.ndarray, nodata: float) -> np.ndarray:
