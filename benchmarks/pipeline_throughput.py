@@ -111,7 +111,7 @@ def eoprep_run(url: str, out: Path, bbox: list[float], engine: str, workers: int
             "grid": {"cell_size": CELL, "pixel_size": PIXEL},
             "time": {"mode": "scenes", "max_scenes": 8},
             "loader": {"engine": engine},
-            "output": {"path": str(out), "chips_per_shard": 2},
+            "output": {"path": str(out)},  # default codec and chips_per_shard (8)
         }
     )
     with dask_client(workers=workers, say=lambda _m: None) as client:

@@ -23,8 +23,10 @@ from eoprep.chips import (
     build_chip,
     chip_quality,
     collection_layout,
+    empty_chip,
     item_fingerprint,
     plan_chips,
+    read_chip_rows,
 )
 from eoprep.config import PipelineSpec
 from eoprep.errors import EoprepError
@@ -81,6 +83,8 @@ class _LoaderOptions:
     backoff: float
     on_error: str
     composite: bool
+    #: Read side-by-side chips row by row (scene chips from STAC sources).
+    row_reads: bool = False
 
 
 def process_shard(
@@ -97,9 +101,11 @@ def process_shard(
     results: list[ChipResult] = []
     blocks: dict[str, list[np.ndarray]] = {key: [] for key in layouts}
     with rasterio.Env():
+        rows = _read_rows(shard.plans, layouts, options)
         for position, plan in zip(shard.positions, shard.plans, strict=True):
             stored = {key: store.read_chip(key, position) for key in layouts if plan.reuse.get(key)}
-            result, arrays = _build_all(plan, layouts, options, stored)
+            read = {key: rows[key][plan.id] for key in layouts if plan.id in rows[key]}
+            result, arrays = _build_all(plan, layouts, options, stored, read)
             results.append(result)
             for key in layouts:
                 blocks[key].append(arrays[key])
@@ -108,13 +114,35 @@ def process_shard(
     return results
 
 
+def _read_rows(
+    plans: Sequence[ChipPlan], layouts: dict[str, CollectionLayout], options: _LoaderOptions
+) -> dict[str, dict[str, np.ndarray]]:
+    """Side-by-side chips of the shard read row by row, where nothing asks for one chip at a time."""
+    if not options.row_reads:
+        return {key: {} for key in layouts}
+    fresh = [plan for plan in plans if not any(plan.reuse.values())]
+    return {
+        key: read_chip_rows(fresh, layout, engine=options.engine, retries=options.retries, backoff=options.backoff)
+        for key, layout in layouts.items()
+    }
+
+
 def _build_all(
-    plan: ChipPlan, layouts: dict[str, CollectionLayout], options: _LoaderOptions, stored: dict[str, np.ndarray]
+    plan: ChipPlan,
+    layouts: dict[str, CollectionLayout],
+    options: _LoaderOptions,
+    stored: dict[str, np.ndarray],
+    read: dict[str, np.ndarray],
 ) -> tuple[ChipResult, dict[str, np.ndarray]]:
+    """Every collection of one chip (``read``: collections already read with their row), co-registered and rated."""
     arrays: dict[str, np.ndarray] = {}
     result = ChipResult(plan.id, written=True, attempts=0)
     try:
         for key, layout in layouts.items():
+            if key in read:
+                arrays[key] = read[key]
+                result.attempts += 1
+                continue
             chip, attempts = build_chip(
                 plan,
                 layout,
@@ -140,19 +168,14 @@ def _build_all(
         result.reason = quality_verdict(result.valid_fraction, result.cloud_fraction, layouts)
         if result.reason is not None:
             result.written = False
-            arrays = {key: _empty(plan, layout) for key, layout in layouts.items()}
+            arrays = {key: empty_chip(plan, layout) for key, layout in layouts.items()}
     except Exception as exc:
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         if options.on_error == "fail":
             raise ChipFailed(f"chip {plan.id}: reads failed after {options.retries} retries: {reason}") from None
         result = ChipResult(plan.id, written=False, reason=reason, attempts=result.attempts)
-        arrays = {key: _empty(plan, layout) for key, layout in layouts.items()}
+        arrays = {key: empty_chip(plan, layout) for key, layout in layouts.items()}
     return result, arrays
-
-
-def _empty(plan: ChipPlan, layout: CollectionLayout) -> np.ndarray:
-    shape = (layout.n_time, len(layout.bands), plan.grid.size, plan.grid.size)
-    return np.full(shape, layout.nodata, dtype=layout.dtype)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -295,6 +318,7 @@ def _execute(
         backoff=spec.loader.backoff,
         on_error=spec.loader.on_error,
         composite=spec.time.mode == "composite",
+        row_reads=spec.time.mode == "scenes" and spec.source.kind != "earthengine",
     )
     total = sum(len(s.plans) for s in slices)
     futures = [

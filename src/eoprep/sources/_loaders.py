@@ -21,18 +21,28 @@ __all__ = ["ChipGrid", "is_nodata", "read_items"]
 
 @dataclass(frozen=True)
 class ChipGrid:
-    """The pixel grid of one chip: square, north-up, in a projected CRS."""
+    """The pixel grid of one chip (square: ``size`` pixels a side), north-up, in a projected CRS.
+
+    A ``height`` makes it a ``height`` × ``size`` window: the grid of a row of side-by-side chips
+    that are read in one go.
+    """
 
     crs: str
     x0: float
     y0: float
     size: int
     pixel_size: float
+    height: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Rows and columns."""
+        return (self.height or self.size, self.size)
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        extent = self.size * self.pixel_size
-        return (self.x0, self.y0 - extent, self.x0 + extent, self.y0)
+        rows, cols = self.shape
+        return (self.x0, self.y0 - rows * self.pixel_size, self.x0 + cols * self.pixel_size, self.y0)
 
     def geobox(self) -> Any:
         from odc.geo.geobox import GeoBox
@@ -55,7 +65,7 @@ def read_items(
     Raises whatever the engine raises on a failed read: the caller owns retries and error policy.
     """
     if not items:
-        return np.full((0, len(bands), grid.size, grid.size), nodata, dtype=dtype)
+        return np.full((0, len(bands), *grid.shape), nodata, dtype=dtype)
     if engine == "earthengine" or str(next(iter(items[0]["assets"].values()))["href"]).startswith("ee://"):
         from eoprep.sources._earthengine import read_earthengine
 
@@ -144,7 +154,7 @@ def _read_stackstac(
         sortby_date=False,
         properties=False,
         band_coords=False,
-        chunksize=grid.size,
+        chunksize=max(grid.shape),
         resampling=Resampling[resampling],
     )
     try:
@@ -153,7 +163,7 @@ def _read_stackstac(
         if "Empty reader_table" not in str(exc):
             raise
         # stackstac drops assets that miss the bounds, and asserts when none is left: a chip off the scenes.
-        return np.full((len(items), len(bands), grid.size, grid.size), nodata, dtype=dtype)
+        return np.full((len(items), len(bands), *grid.shape), nodata, dtype=dtype)
 
 
 def _with_epsg(item: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +205,7 @@ def _read_rasterio(
     resampling: str | dict[str, str],
 ) -> np.ndarray:
     """Windowed reads with cached handles; a warped VRT only where the source grid does not line up."""
-    out = np.full((len(items), len(bands), grid.size, grid.size), nodata, dtype=dtype)
+    out = np.full((len(items), len(bands), *grid.shape), nodata, dtype=dtype)
     for i, item in enumerate(items):
         for k, band in enumerate(bands):
             method = resampling.get(band, "nearest") if isinstance(resampling, dict) else resampling
@@ -247,8 +257,9 @@ def _read_aligned(src: Any, grid: ChipGrid, method: str, dst: np.ndarray, nodata
     if method != "nearest" and (ratio != 1):
         return False
     c0, r0 = max(x_px // ratio, 0), max(y_px // ratio, 0)
-    c1 = min(-(-(x_px + grid.size) // ratio), src.width)
-    r1 = min(-(-(y_px + grid.size) // ratio), src.height)
+    rows, cols = grid.shape
+    c1 = min(-(-(x_px + cols) // ratio), src.width)
+    r1 = min(-(-(y_px + rows) // ratio), src.height)
     if c0 >= c1 or r0 >= r1:
         return True
     block = src.read(
@@ -261,7 +272,7 @@ def _read_aligned(src: Any, grid: ChipGrid, method: str, dst: np.ndarray, nodata
     # block covers chip pixels [r0*ratio - y_px, r1*ratio - y_px) x [c0*ratio - x_px, c1*ratio - x_px)
     ys0, xs0 = r0 * ratio - y_px, c0 * ratio - x_px
     cy0, cx0 = max(ys0, 0), max(xs0, 0)
-    cy1, cx1 = min(ys0 + block.shape[0], grid.size), min(xs0 + block.shape[1], grid.size)
+    cy1, cx1 = min(ys0 + block.shape[0], rows), min(xs0 + block.shape[1], cols)
     part = block[cy0 - ys0 : cy1 - ys0, cx0 - xs0 : cx1 - xs0]
     _paste(dst[cy0:cy1, cx0:cx1], part, src.nodata, nodata)
     return True
@@ -274,7 +285,7 @@ def _read_warped(src: Any, grid: ChipGrid, method: str, dst: np.ndarray, nodata:
 
     transform = Affine(grid.pixel_size, 0.0, grid.x0, 0.0, -grid.pixel_size, grid.y0)
     with WarpedVRT(
-        src, crs=grid.crs, transform=transform, width=grid.size, height=grid.size, resampling=Resampling[method]
+        src, crs=grid.crs, transform=transform, width=grid.shape[1], height=grid.shape[0], resampling=Resampling[method]
     ) as vrt:
         _paste(dst, vrt.read(1, masked=True), None, nodata)
 
