@@ -109,7 +109,7 @@ def process_shard(
             results.append(result)
             for key in layouts:
                 blocks[key].append(arrays[key])
-    written = sum(store.write_slice(key, shard.positions, np.stack(arrays)) for key, arrays in blocks.items())
+    written = sum(store.write_slice(key, shard.positions, arrays) for key, arrays in blocks.items())
     results[0].bytes_written = written
     return results
 

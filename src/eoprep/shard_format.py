@@ -10,7 +10,7 @@ bytes as zarr's sharding codec specifies.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,7 @@ class ShardFormat:
         else:
             self.compressor.decode(data, out=out)
 
-    def encode(self, chips: np.ndarray) -> bytes | None:
+    def encode(self, chips: Sequence[np.ndarray]) -> bytes | None:
         """A whole shard object for ``chips`` (at most `chips` of them, in position order).
 
         Chips made of fill values only are not stored, as zarr does; None when no chip is stored,

@@ -176,7 +176,7 @@ class ChipStore:
                 )
         return range(n0, n0 + len(plans))
 
-    def write_slice(self, key: str, positions: Sequence[int], data: np.ndarray) -> int:
+    def write_slice(self, key: str, positions: Sequence[int], chips: Sequence[np.ndarray]) -> int:
         """Write chips of one group that share a shard; called on workers, one shard at a time.
 
         A whole shard is encoded here and stored as one object (zarr's stores replace an object
@@ -193,13 +193,13 @@ class ChipStore:
         whole = range(shard_no * per_shard, min((shard_no + 1) * per_shard, arr.shape[0]))
         layout = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
         if layout is not None and list(positions) == list(whole):
-            blob = layout.encode(data)
+            blob = layout.encode(chips)
             if blob is None:
                 sync(arr.store.delete(shard))
                 return 0
             sync(arr.store.set(shard, default_buffer_prototype().buffer.from_bytes(blob)))
             return len(blob)
-        start = positions[0]
+        start, data = positions[0], np.stack(chips)
         if list(positions) == list(range(start, start + len(positions))):
             arr[start : start + len(positions)] = data
         else:
