@@ -67,3 +67,22 @@ def _with_missing_file(plan, key):
         )
         slots.append(replace(slot, items=items))
     return replace(plan, slots={**plan.slots, key: slots})
+
+
+def test_row_reads_copy_reused_slots_from_the_stored_chip(plans):
+    planned, layouts = plans
+    layout = layouts["s2"]
+    reusing, stored = [], {}
+    for plan in planned:
+        full, _ = build_chip(plan, layout, engine="rasterio", retries=0, backoff=0)
+        marked = full.copy()
+        marked[:3] += 1  # stored slots differ from what a read gives: copies are told apart from reads
+        stored[plan.id] = marked
+        reusing.append(replace(plan, reuse={layout.key: 3}))
+    got = read_chip_rows(reusing, layout, engine="rasterio", retries=0, backoff=0, stored=stored)
+    assert got
+    for plan in reusing:
+        if plan.id in got:
+            want, _ = build_chip(plan, layout, engine="rasterio", retries=0, backoff=0, stored=stored[plan.id])
+            np.testing.assert_array_equal(got[plan.id], want)
+            np.testing.assert_array_equal(got[plan.id][:3], stored[plan.id][:3])

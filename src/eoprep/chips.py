@@ -11,7 +11,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,6 +383,7 @@ def read_chip_rows(
     retries: int,
     backoff: float,
     sleep: Callable[[float], None] = time.sleep,
+    stored: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Chip arrays of side-by-side chips, each row of them read as one window; keyed by chip id.
 
@@ -391,10 +392,19 @@ def read_chip_rows(
     are within a quarter chip of each other and that tile the row's window with little waste, so
     the pixels are the ones a per-chip read gives. Chips that are alone in their row, or whose row
     read fails after the retries, are left out: `build_chip` reads them one by one, under the
-    per-chip error policy.
+    per-chip error policy. As in `build_chip`, the first ``plan.reuse[key]`` slots of a chip are
+    copied from its ``stored`` array (by chip id) and only the others are read.
     """
+    stored = stored or {}
+
+    def reused(plan: ChipPlan) -> int:
+        return plan.reuse.get(layout.key, 0) if plan.id in stored else 0
+
+    def to_read(plan: ChipPlan) -> list[tuple[int, SlotPlan]]:
+        return [(t, slot) for t, slot in enumerate(plan.slots.get(layout.key, [])) if t >= reused(plan) and slot.items]
+
     out: dict[str, np.ndarray] = {}
-    for row in _chip_rows([p for p in plans if p.slots.get(layout.key)]):
+    for row in _chip_rows([p for p in plans if to_read(p)]):
         first = row[0].grid
         px = first.pixel_size
         top = max(p.grid.y0 for p in row)
@@ -408,7 +418,7 @@ def read_chip_rows(
             px,
             height=round((top - bottom) / px),
         )
-        items, where = _unique_items(slot for p in row for slot in p.slots[layout.key])
+        items, where = _unique_items(slot for p in row for _, slot in to_read(p))
         try:
             scenes, _ = _read_with_retries(items, layout, window, engine, retries, backoff, sleep)
         except Exception:
@@ -417,9 +427,10 @@ def read_chip_rows(
             r, c = round((top - p.grid.y0) / px), round((p.grid.x0 - window.x0) / px)
             cut = scenes[:, :, r : r + first.size, c : c + first.size]
             chip = empty_chip(p, layout)
-            for t, slot in enumerate(p.slots[layout.key]):
-                if slot.items:
-                    _fill_slot(chip[t], cut, [where[item["id"]] for item in slot.items], layout, False)
+            if reused(p):
+                chip[: reused(p)] = stored[p.id][: reused(p)]
+            for t, slot in to_read(p):
+                _fill_slot(chip[t], cut, [where[item["id"]] for item in slot.items], layout, False)
             out[p.id] = chip
     return out
 

@@ -100,12 +100,15 @@ def process_shard(
     store = ChipStore(store_url)
     results: list[ChipResult] = []
     blocks: dict[str, list[np.ndarray]] = {key: [] for key in layouts}
+    stored = {
+        plan.id: {key: store.read_chip(key, position) for key in layouts if plan.reuse.get(key)}
+        for position, plan in zip(shard.positions, shard.plans, strict=True)
+    }
     with rasterio.Env():
-        rows = _read_rows(shard.plans, layouts, options)
-        for position, plan in zip(shard.positions, shard.plans, strict=True):
-            stored = {key: store.read_chip(key, position) for key in layouts if plan.reuse.get(key)}
+        rows = _read_rows(shard.plans, layouts, options, stored)
+        for plan in shard.plans:
             read = {key: rows[key][plan.id] for key in layouts if plan.id in rows[key]}
-            result, arrays = _build_all(plan, layouts, options, stored, read)
+            result, arrays = _build_all(plan, layouts, options, stored[plan.id], read)
             results.append(result)
             for key in layouts:
                 blocks[key].append(arrays[key])
@@ -115,14 +118,23 @@ def process_shard(
 
 
 def _read_rows(
-    plans: Sequence[ChipPlan], layouts: dict[str, CollectionLayout], options: _LoaderOptions
+    plans: Sequence[ChipPlan],
+    layouts: dict[str, CollectionLayout],
+    options: _LoaderOptions,
+    stored: dict[str, dict[str, np.ndarray]],
 ) -> dict[str, dict[str, np.ndarray]]:
     """Side-by-side chips of the shard read row by row, where nothing asks for one chip at a time."""
     if not options.row_reads:
         return {key: {} for key in layouts}
-    fresh = [plan for plan in plans if not any(plan.reuse.values())]
     return {
-        key: read_chip_rows(fresh, layout, engine=options.engine, retries=options.retries, backoff=options.backoff)
+        key: read_chip_rows(
+            plans,
+            layout,
+            engine=options.engine,
+            retries=options.retries,
+            backoff=options.backoff,
+            stored={chip: arrays[key] for chip, arrays in stored.items() if key in arrays},
+        )
         for key, layout in layouts.items()
     }
 

@@ -45,6 +45,17 @@ def _atomic_json(path: Path, doc: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
 
 
+def _json_if_changed(path: Path, doc: Any) -> None:
+    """Compact JSON (the C encoder), written only when it differs: a refresh leaves unchanged items alone."""
+    text = json.dumps(doc, default=str, separators=(",", ":"))
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    atomic_write(path, lambda p: p.write_text(text))
+
+
 def _texts(var: xr.DataArray) -> list[str]:
     return [str(v) for v in var.values]
 
@@ -102,43 +113,47 @@ def write_stac(out_dir: Path, table: gpd.GeoDataFrame, *, name: str, spec_hash: 
     stac_dir = out_dir / STAC_DIR
     items_dir = stac_dir / "items"
     ids = []
-    for chip, rows in table.groupby("id", sort=True):
-        first = rows.iloc[0]
-        geom = first.geometry
+    by_chip: dict[str, list[dict[str, Any]]] = {}
+    for row in table.to_dict("records"):  # plain dicts: pandas row access costs more than the JSON
+        by_chip.setdefault(str(row["id"]), []).append(row)
+    for chip in sorted(by_chip):
+        rows = by_chip[chip]
+        first = rows[0]
+        geom = first["geometry"]
         assets = {
-            row.collection: {
-                "href": f"../../chips.zarr/{row.collection}",
+            row["collection"]: {
+                "href": f"../../chips.zarr/{row['collection']}",
                 "type": "application/vnd+zarr",
                 "roles": ["data"],
-                "title": f"{row.stac_collection} pixels (chip index {row['index']})",
+                "title": f"{row['stac_collection']} pixels (chip index {row['index']})",
                 "eoprep:index": int(row["index"]),
-                "eoprep:n_scenes": int(row.n_scenes),
-                "eoprep:valid_fraction": _num(row.valid_fraction),
-                "eoprep:cloud_fraction": _num(row.cloud_fraction),
+                "eoprep:n_scenes": int(row["n_scenes"]),
+                "eoprep:valid_fraction": _num(row["valid_fraction"]),
+                "eoprep:cloud_fraction": _num(row["cloud_fraction"]),
             }
-            for _, row in rows.iterrows()
+            for row in rows
         }
         item = {
             "type": "Feature",
             "stac_version": "1.1.0",
             "stac_extensions": ["https://stac-extensions.github.io/projection/v2.0.0/schema.json"],
-            "id": str(chip),
+            "id": chip,
             "collection": name,
             "geometry": shapely.geometry.mapping(geom),
             "bbox": list(geom.bounds),
             "properties": {
                 "datetime": None,
-                "start_datetime": first.start_datetime.isoformat(),
-                "end_datetime": first.end_datetime.isoformat(),
-                "proj:code": first.crs,
-                "eoprep:cell": first.cell,
+                "start_datetime": first["start_datetime"].isoformat(),
+                "end_datetime": first["end_datetime"].isoformat(),
+                "proj:code": first["crs"],
+                "eoprep:cell": first["cell"],
                 "eoprep:spec_hash": spec_hash,
             },
             "links": [{"rel": "collection", "href": "../collection.json", "type": "application/json"}],
             "assets": assets,
         }
-        _atomic_json(items_dir / f"{chip}.json", item)
-        ids.append(str(chip))
+        _json_if_changed(items_dir / f"{chip}.json", item)
+        ids.append(chip)
     bounds = table.total_bounds.tolist() if len(table) else [-180.0, -90.0, 180.0, 90.0]
     interval = (
         [table.start_datetime.min().isoformat(), table.end_datetime.max().isoformat()] if len(table) else [None, None]
