@@ -436,23 +436,32 @@ def read_chip_rows(
 
 
 def _chip_rows(plans: Sequence[ChipPlan]) -> list[list[ChipPlan]]:
-    """Runs of two or more chips of one CRS and pixel size, side by side along a grid row."""
-    rows: list[list[ChipPlan]] = []
-    ordered = sorted(plans, key=lambda p: (p.grid.crs, p.grid.pixel_size, -p.grid.y0, p.grid.x0))
-    for plan in ordered:
-        g = plan.grid
-        row = rows[-1] if rows else None
-        if row is not None:
-            last = row[-1].grid
-            extent = g.size * g.pixel_size
-            if (
-                (g.crs, g.pixel_size, g.size) == (last.crs, last.pixel_size, last.size)
-                and abs(row[0].grid.y0 - g.y0) <= extent / 4
-                and -extent / 4 <= g.x0 - (last.x0 + extent) <= extent / 4
+    """Runs of two or more chips of one CRS and pixel size, side by side along a grid row.
+
+    Chip tops along a grid row step by a few metres (cells follow lon/lat, chips their UTM zone), so
+    chips are first banded by top (within a quarter chip), then ordered west to east in each band.
+    """
+    bands: list[list[ChipPlan]] = []
+    for plan in sorted(plans, key=lambda p: (p.grid.crs, p.grid.pixel_size, p.grid.size, -p.grid.y0)):
+        g, band = plan.grid, bands[-1] if bands else None
+        if band is not None:
+            top = band[0].grid
+            if (g.crs, g.pixel_size, g.size) == (top.crs, top.pixel_size, top.size) and (
+                top.y0 - g.y0 <= g.size * g.pixel_size / 4
             ):
-                row.append(plan)
+                band.append(plan)
                 continue
-        rows.append([plan])
+        bands.append([plan])
+    rows: list[list[ChipPlan]] = []
+    for band in bands:
+        band.sort(key=lambda p: p.grid.x0)
+        rows.append([band[0]])
+        for plan in band[1:]:
+            last, extent = rows[-1][-1].grid, plan.grid.size * plan.grid.pixel_size
+            if abs(plan.grid.x0 - (last.x0 + extent)) <= extent / 4:
+                rows[-1].append(plan)
+            else:
+                rows.append([plan])
     return [row for row in rows if len(row) > 1]
 
 
