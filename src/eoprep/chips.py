@@ -407,24 +407,17 @@ def read_chip_rows(
     for row in _chip_rows([p for p in plans if to_read(p)]):
         first = row[0].grid
         px = first.pixel_size
-        top = max(p.grid.y0 for p in row)
+        left, top = min(p.grid.x0 for p in row), max(p.grid.y0 for p in row)
         bottom = min(p.grid.y0 for p in row) - first.size * px
         right = max(p.grid.x0 for p in row) + first.size * px
-        window = ChipGrid(
-            first.crs,
-            min(p.grid.x0 for p in row),
-            top,
-            round((right - min(p.grid.x0 for p in row)) / px),
-            px,
-            height=round((top - bottom) / px),
-        )
+        window = ChipGrid(first.crs, left, top, round((right - left) / px), px, height=round((top - bottom) / px))
         items, where = _unique_items(slot for p in row for _, slot in to_read(p))
         try:
             scenes, _ = _read_with_retries(items, layout, window, engine, retries, backoff, sleep)
         except Exception:
             continue
         for p in row:
-            r, c = round((top - p.grid.y0) / px), round((p.grid.x0 - window.x0) / px)
+            r, c = round((top - p.grid.y0) / px), round((p.grid.x0 - left) / px)
             cut = scenes[:, :, r : r + first.size, c : c + first.size]
             chip = empty_chip(p, layout)
             if reused(p):

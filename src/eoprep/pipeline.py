@@ -84,7 +84,7 @@ class _LoaderOptions:
     on_error: str
     composite: bool
     #: Read side-by-side chips row by row (scene chips from STAC sources).
-    row_reads: bool = False
+    row_reads: bool
 
 
 def process_shard(
