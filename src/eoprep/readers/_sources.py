@@ -133,7 +133,7 @@ class ZarrSource(_Source):
         times = {g: _micros(_decode_times(root[f"{g}/datetime"])) for g in self.groups}
         quality = {g: (root[f"{g}/valid_fraction"][:], root[f"{g}/cloud_fraction"][:]) for g in self.groups}
         pixels = {g: root[f"{g}/pixels"] for g in self.groups}
-        self._layouts = {g: ShardFormat.from_metadata(a.metadata.to_dict(), a.fill_value) for g, a in pixels.items()}
+        self._formats = {g: ShardFormat.from_metadata(a.metadata.to_dict(), a.fill_value) for g, a in pixels.items()}
         self.records = [
             ChipRecord(
                 id=ids[i],
@@ -183,32 +183,32 @@ class ZarrSource(_Source):
         out = {}
         for g in groups:
             try:
-                layout = self._layouts[g]
-                if layout is None:
+                fmt = self._formats[g]
+                if fmt is None:
                     out[g] = np.asarray(self._array(g)[record.position])
                 else:
-                    out[g] = self._read_inner(layout, keys[g], record.position % layout.chips)
+                    out[g] = self._read_inner(fmt, keys[g], record.position % fmt.chips)
             except Exception as exc:
                 raise ShardError(
                     f"shard {_join(self.url, keys[g])} does not decode (chip {record.id}): {type(exc).__name__}: {exc}"
                 ) from None
         return out
 
-    def _read_inner(self, layout: ShardFormat, key: str, index: int) -> np.ndarray:
+    def _read_inner(self, fmt: ShardFormat, key: str, index: int) -> np.ndarray:
         """One chip straight from its shard object: a cached shard index, one ranged read, one decode."""
         path = _join(self.root, key)
         indexes = self.__dict__.setdefault("_handles", {}).setdefault("indexes", {})
         if key not in indexes:
-            indexes[key] = layout.shard_index(self.fs.cat_file(path, start=-layout.index_nbytes))
+            indexes[key] = fmt.shard_index(self.fs.cat_file(path, start=-fmt.index_nbytes))
         offset, nbytes = indexes[key][index]
-        out = np.empty(layout.shape, dtype=layout.dtype)
+        out = np.empty(fmt.shape, dtype=fmt.dtype)
         if offset == EMPTY:
-            out.fill(layout.fill_value)
+            out.fill(fmt.fill_value)
             return out
         data = self.fs.cat_file(path, start=int(offset), end=int(offset + nbytes))
         if len(data) != nbytes:
             raise ValueError(f"chunk {index} ends after the end of the shard ({len(data)} of {nbytes} bytes)")
-        layout.decode(data, out)
+        fmt.decode(data, out)
         return out
 
 

@@ -191,9 +191,9 @@ class ChipStore:
         shard_no = positions[0] // per_shard
         shard = f"{arr.path}/{arr.metadata.encode_chunk_key((shard_no, 0, 0, 0, 0))}"
         whole = range(shard_no * per_shard, min((shard_no + 1) * per_shard, arr.shape[0]))
-        layout = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
-        if layout is not None and list(positions) == list(whole):
-            blob = layout.encode(chips)
+        fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+        if fmt is not None and list(positions) == list(whole):
+            blob = fmt.encode(chips)
             if blob is None:
                 sync(arr.store.delete(shard))
                 return 0
