@@ -354,11 +354,8 @@ def build_chip(
     Reads are retried with exponential backoff and jitter; the last error propagates. The first
     ``plan.reuse[key]`` slots are copied from ``stored`` (the chip as written before) instead of read.
     """
-    out = empty_chip(plan, layout)
-    reuse = plan.reuse.get(layout.key, 0) if stored is not None else 0
-    if reuse:
-        out[:reuse] = stored[:reuse]
-    todo = [(t, slot) for t, slot in enumerate(plan.slots.get(layout.key, [])) if t >= reuse and slot.items]
+    out = _start_chip(plan, layout, stored)
+    todo = _to_read(plan, layout, stored)
     # Scenes: one read for all slots, as an engine's fixed cost per call exceeds a chip window read.
     # Composites: one read per period, so memory holds one period's scenes, not the whole range's.
     if composite:
@@ -396,22 +393,16 @@ def read_chip_rows(
     copied from its ``stored`` array (by chip id) and only the others are read.
     """
     stored = stored or {}
-
-    def reused(plan: ChipPlan) -> int:
-        return plan.reuse.get(layout.key, 0) if plan.id in stored else 0
-
-    def to_read(plan: ChipPlan) -> list[tuple[int, SlotPlan]]:
-        return [(t, slot) for t, slot in enumerate(plan.slots.get(layout.key, [])) if t >= reused(plan) and slot.items]
-
+    todo = {p.id: _to_read(p, layout, stored.get(p.id)) for p in plans}
     out: dict[str, np.ndarray] = {}
-    for row in _chip_rows([p for p in plans if to_read(p)]):
+    for row in _chip_rows([p for p in plans if todo[p.id]]):
         first = row[0].grid
         px = first.pixel_size
         left, top = min(p.grid.x0 for p in row), max(p.grid.y0 for p in row)
         bottom = min(p.grid.y0 for p in row) - first.size * px
         right = max(p.grid.x0 for p in row) + first.size * px
         window = ChipGrid(first.crs, left, top, round((right - left) / px), px, height=round((top - bottom) / px))
-        items, where = _unique_items(slot for p in row for _, slot in to_read(p))
+        items, where = _unique_items(slot for p in row for _, slot in todo[p.id])
         try:
             scenes, _ = _read_with_retries(items, layout, window, engine, retries, backoff, sleep)
         except Exception:
@@ -419,10 +410,8 @@ def read_chip_rows(
         for p in row:
             r, c = round((top - p.grid.y0) / px), round((p.grid.x0 - left) / px)
             cut = scenes[:, :, r : r + first.size, c : c + first.size]
-            chip = empty_chip(p, layout)
-            if reused(p):
-                chip[: reused(p)] = stored[p.id][: reused(p)]
-            for t, slot in to_read(p):
+            chip = _start_chip(p, layout, stored.get(p.id))
+            for t, slot in todo[p.id]:
                 _fill_slot(chip[t], cut, [where[item["id"]] for item in slot.items], layout, False)
             out[p.id] = chip
     return out
@@ -456,6 +445,26 @@ def _chip_rows(plans: Sequence[ChipPlan]) -> list[list[ChipPlan]]:
             else:
                 rows.append([plan])
     return [row for row in rows if len(row) > 1]
+
+
+def _reused(plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None) -> int:
+    """Leading slots copied from the stored chip instead of read (none without a stored chip)."""
+    return plan.reuse.get(layout.key, 0) if stored is not None else 0
+
+
+def _to_read(plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None) -> list[tuple[int, SlotPlan]]:
+    """The time slots of a chip that have items and are not reused."""
+    reuse = _reused(plan, layout, stored)
+    return [(t, slot) for t, slot in enumerate(plan.slots.get(layout.key, [])) if t >= reuse and slot.items]
+
+
+def _start_chip(plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None) -> np.ndarray:
+    """A chip of nodata with its reused slots copied from ``stored``."""
+    out = empty_chip(plan, layout)
+    reuse = _reused(plan, layout, stored)
+    if reuse:
+        out[:reuse] = stored[:reuse]
+    return out
 
 
 def empty_chip(plan: ChipPlan, layout: CollectionLayout) -> np.ndarray:
