@@ -95,10 +95,15 @@ def _move_off_nodata(chip: np.ndarray, nodata: float) -> None:
 
 
 def _restore(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Values back in the chip's dtype; float ``values`` bound for an integer dtype are rounded and clipped in place."""
+    if values.dtype == dtype:
+        return values
     if dtype.kind == "f":
-        return values.astype(dtype)
+        return values.astype(dtype, copy=False)
     info = np.iinfo(dtype)
-    return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    np.rint(values, out=values)
+    np.clip(values, info.min, info.max, out=values)
+    return values.astype(dtype)
 
 
 def _encode_once(
