@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import fsspec
+import imagecodecs
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -321,7 +321,8 @@ class TacoSource(_Source):
         for g in groups:
             p = self._payloads[(record.id, g)]
             data = self.fs.cat_file(path, start=p.offset, end=p.offset + p.size)
-            if len(data) != p.size or zlib.crc32(data) != p.crc32:
+            # imagecodecs' CRC32 is zlib's value, computed about ten times faster (it shows at 2 payloads a sample)
+            if len(data) != p.size or imagecodecs.deflate_crc32(data) != p.crc32:
                 raise ShardError(
                     f"shard {_join(self.url, record.shard)} is corrupt: payload {record.id}/{g} "
                     f"({p.size} bytes at {p.offset}) fails its CRC32 check"
