@@ -2,7 +2,8 @@
 
 One run on this machine:
 
-* outputs: the demo AOI run through ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with
+* outputs: 115 chips of 1280 m (the benchmark archive that ``pipeline_throughput.py`` also uses) run through
+  ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with
   the default lossless compressor (blosc-lz4) + TACO shards, and Zarr with a lossy codec (``output.codec``,
   default h265 quality 20);
 * readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4) with 0 and 2 workers, one full epoch,
@@ -30,17 +31,21 @@ import numpy as np
 import rasterio
 import torch
 import xarray as xr
+from pipeline_throughput import ARCHIVE_BBOX
 from rasterio.enums import Resampling
 from rasterio.windows import from_bounds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from eoprep.catalog_server import LocalStacServer
+from eoprep.catalog_server import LocalStacServer, default_data_dir
 from eoprep.config import parse_spec
-from eoprep.demo import DEMO_BBOX, DEMO_DATETIME, S1_COLLECTION, S2_COLLECTION
+from eoprep.demo import DEMO_DATETIME, S1_COLLECTION, S2_COLLECTION
 from eoprep.embedded import demo_archive
 from eoprep.pipeline import run_pipeline
 from eoprep.readers import ChipIterableDataset
 from eoprep.runtime import dask_client
+
+# 115 chips: an epoch of a few dozen batches, so per-epoch start-up of the workers does not dominate.
+AOI = (9.02, 45.42, 9.16, 45.55)
 
 GROUPS = {"s2": (S2_COLLECTION, ["B02", "B03", "B04", "B08", "B11", "B12", "SCL"]), "s1": (S1_COLLECTION, ["vv", "vh"])}
 
@@ -52,7 +57,7 @@ def spec_for(out: Path, *, fmt: str, codec: dict[str, Any] | None) -> Any:
             "source": {
                 "url": "embedded",
                 "collections": [{"id": cid, "name": key, "bands": bands} for key, (cid, bands) in GROUPS.items()],
-                "aoi": {"bbox": list(DEMO_BBOX)},
+                "aoi": {"bbox": list(AOI)},
                 "datetime": DEMO_DATETIME,
             },
             "grid": {"cell_size": 1280, "pixel_size": 10},
@@ -216,7 +221,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    archive = demo_archive(say=print)
+    archive = demo_archive(default_data_dir() / "bench-archive", bbox=ARCHIVE_BBOX, say=print)
     hrefs: dict[str, dict[str, dict[str, str]]] = {key: {} for key in GROUPS}
     for item in archive.items:
         for key, (cid, bands) in GROUPS.items():
