@@ -204,8 +204,12 @@ def _read_rasterio(
     nodata: float,
     resampling: str | dict[str, str],
 ) -> np.ndarray:
-    """Windowed reads with cached handles; a warped VRT only where the source grid does not line up."""
-    out = np.full((len(items), len(bands), *grid.shape), nodata, dtype=dtype)
+    """Windowed reads with cached handles; a warped VRT only where the source grid does not line up.
+
+    Every read writes all pixels of its plane (nodata where the source has none), so the output is
+    not pre-filled: a row of chips is tens of MB, and filling it first costs a full extra pass.
+    """
+    out = np.empty((len(items), len(bands), *grid.shape), dtype=dtype)
     for i, item in enumerate(items):
         for k, band in enumerate(bands):
             method = resampling.get(band, "nearest") if isinstance(resampling, dict) else resampling
@@ -216,15 +220,27 @@ def _read_rasterio(
 
 
 def _paste(dst: np.ndarray, block: np.ma.MaskedArray | np.ndarray, src_nodata: float | None, nodata: float) -> None:
-    """Copy valid source pixels into ``dst`` (already filled with ``nodata``)."""
+    """Write ``block`` over all of ``dst``, its invalid pixels as ``nodata``."""
     if isinstance(block, np.ma.MaskedArray):
-        valid = ~np.ma.getmaskarray(block)
-        dst[valid] = block.data[valid]
-    elif src_nodata is None or _same(float(src_nodata), float(nodata)):
-        dst[...] = block  # the source's nodata is ours: no mask needed
+        dst[...] = block.data
+        dst[np.ma.getmaskarray(block)] = nodata
+    elif _nodata_is_ours(src_nodata, nodata):
+        dst[...] = block  # no mask needed
     else:
-        valid = ~is_nodata(block, src_nodata)
-        dst[valid] = block[valid]
+        dst[...] = block
+        dst[is_nodata(block, src_nodata)] = nodata
+
+
+def _nodata_is_ours(src_nodata: float | None, nodata: float) -> bool:
+    return src_nodata is None or _same(float(src_nodata), float(nodata))
+
+
+def _fill_outside(dst: np.ndarray, rows: slice, cols: slice, nodata: float) -> None:
+    """Fill ``dst`` with nodata outside the rectangle ``rows`` x ``cols``."""
+    dst[: rows.start] = nodata
+    dst[rows.stop :] = nodata
+    dst[rows, : cols.start] = nodata
+    dst[rows, cols.stop :] = nodata
 
 
 def _nodata_only(src: Any) -> bool:
@@ -261,20 +277,22 @@ def _read_aligned(src: Any, grid: ChipGrid, method: str, dst: np.ndarray, nodata
     c1 = min(-(-(x_px + cols) // ratio), src.width)
     r1 = min(-(-(y_px + rows) // ratio), src.height)
     if c0 >= c1 or r0 >= r1:
+        dst.fill(nodata)
         return True
-    block = src.read(
-        1,
-        window=Window(c0, r0, c1 - c0, r1 - r0),
-        masked=not _nodata_only(src),
-        out_shape=((r1 - r0) * ratio, (c1 - c0) * ratio),
-        resampling=Resampling[method],
-    )
-    # block covers chip pixels [r0*ratio - y_px, r1*ratio - y_px) x [c0*ratio - x_px, c1*ratio - x_px)
+    window = Window(c0, r0, c1 - c0, r1 - r0)
+    height, width = (r1 - r0) * ratio, (c1 - c0) * ratio
+    # the window covers chip pixels [ys0, ys0 + height) x [xs0, xs0 + width); the chip keeps what falls inside
     ys0, xs0 = r0 * ratio - y_px, c0 * ratio - x_px
-    cy0, cx0 = max(ys0, 0), max(xs0, 0)
-    cy1, cx1 = min(ys0 + block.shape[0], rows), min(xs0 + block.shape[1], cols)
-    part = block[cy0 - ys0 : cy1 - ys0, cx0 - xs0 : cx1 - xs0]
-    _paste(dst[cy0:cy1, cx0:cx1], part, src.nodata, nodata)
+    inside = (slice(max(ys0, 0), min(ys0 + height, rows)), slice(max(xs0, 0), min(xs0 + width, cols)))
+    _fill_outside(dst, *inside, nodata)
+    masked = not _nodata_only(src)
+    whole = inside == (slice(ys0, ys0 + height), slice(xs0, xs0 + width))
+    if whole and not masked and src.dtypes[0] == dst.dtype and _nodata_is_ours(src.nodata, nodata):
+        src.read(1, window=window, out=dst[inside], resampling=Resampling[method])  # straight into the chip
+        return True
+    block = src.read(1, window=window, masked=masked, out_shape=(height, width), resampling=Resampling[method])
+    crop = (slice(inside[0].start - ys0, inside[0].stop - ys0), slice(inside[1].start - xs0, inside[1].stop - xs0))
+    _paste(dst[inside], block[crop], src.nodata, nodata)
     return True
 
 
