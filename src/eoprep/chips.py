@@ -354,8 +354,8 @@ def build_chip(
     Reads are retried with exponential backoff and jitter; the last error propagates. The first
     ``plan.reuse[key]`` slots are copied from ``stored`` (the chip as written before) instead of read.
     """
-    out = _start_chip(plan, layout, stored)
     todo = _to_read(plan, layout, stored)
+    out = _start_chip(plan, layout, stored, todo)
     # Scenes: one read for all slots, as an engine's fixed cost per call exceeds a chip window read.
     # Composites: one read per period, so memory holds one period's scenes, not the whole range's.
     if composite:
@@ -410,7 +410,7 @@ def read_chip_rows(
         for p in row:
             r, c = round((top - p.grid.y0) / px), round((p.grid.x0 - left) / px)
             cut = scenes[:, :, r : r + first.size, c : c + first.size]
-            chip = _start_chip(p, layout, stored.get(p.id))
+            chip = _start_chip(p, layout, stored.get(p.id), todo[p.id])
             for t, slot in todo[p.id]:
                 _fill_slot(chip[t], cut, [where[item["id"]] for item in slot.items], layout, False)
             out[p.id] = chip
@@ -458,12 +458,22 @@ def _to_read(plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None
     return [(t, slot) for t, slot in enumerate(plan.slots.get(layout.key, [])) if t >= reuse and slot.items]
 
 
-def _start_chip(plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None) -> np.ndarray:
-    """A chip of nodata with its reused slots copied from ``stored``."""
-    out = empty_chip(plan, layout)
+def _start_chip(
+    plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None, todo: Sequence[tuple[int, SlotPlan]]
+) -> np.ndarray:
+    """A chip with its reused slots copied from ``stored`` and nodata in the slots nothing will be read into.
+
+    The slots in ``todo`` are left unset: their reads write every pixel, and a chip is MBs, so not
+    filling it first saves a pass over it.
+    """
+    out = np.empty((layout.n_time, len(layout.bands), plan.grid.size, plan.grid.size), dtype=np.dtype(layout.dtype))
     reuse = _reused(plan, layout, stored)
     if reuse:
         out[:reuse] = stored[:reuse]
+    read = {t for t, _ in todo}
+    for t in range(reuse, layout.n_time):
+        if t not in read:
+            out[t] = layout.nodata
     return out
 
 
