@@ -33,7 +33,7 @@ def test_row_reads_equal_chip_reads(plans, engine):
     rows = _chip_rows(planned)
     assert rows and sum(len(r) for r in rows) > len(rows)
     for layout in layouts.values():
-        got = read_chip_rows(planned, layout, engine=engine, retries=0, backoff=0)
+        got = read_chip_rows(planned, layout, engine=engine)
         assert set(got) == {p.id for row in rows for p in row}
         for plan in planned:
             if plan.id in got:
@@ -55,7 +55,7 @@ def test_a_failing_row_is_left_to_chip_reads(plans):
     planned, layouts = plans
     layout = layouts["s2"]
     broken = [_with_missing_file(p, layout.key) for p in planned]
-    assert read_chip_rows(broken, layout, engine="rasterio", retries=0, backoff=0) == {}
+    assert read_chip_rows(broken, layout, engine="rasterio") == {}
 
 
 def _with_missing_file(plan, key):
@@ -79,7 +79,7 @@ def test_row_reads_copy_reused_slots_from_the_stored_chip(plans):
         marked[:3] += 1  # stored slots differ from what a read gives: copies are told apart from reads
         stored[plan.id] = marked
         reusing.append(replace(plan, reuse={layout.key: 3}))
-    got = read_chip_rows(reusing, layout, engine="rasterio", retries=0, backoff=0, stored=stored)
+    got = read_chip_rows(reusing, layout, engine="rasterio", stored=stored)
     assert got
     for plan in reusing:
         if plan.id in got:

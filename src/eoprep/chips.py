@@ -377,9 +377,6 @@ def read_chip_rows(
     layout: CollectionLayout,
     *,
     engine: str,
-    retries: int,
-    backoff: float,
-    sleep: Callable[[float], None] = time.sleep,
     stored: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Chip arrays of side-by-side chips, each row of them read as one window; keyed by chip id.
@@ -388,8 +385,9 @@ def read_chip_rows(
     spends more on that than on the pixels of a 256² chip). Rows hold chips of one CRS whose tops
     are within a quarter chip of each other and that tile the row's window with little waste, so
     the pixels are the ones a per-chip read gives. Chips that are alone in their row, or whose row
-    read fails after the retries, are left out: `build_chip` reads them one by one, under the
-    per-chip error policy. As in `build_chip`, the first ``plan.reuse[key]`` slots of a chip are
+    read fails, are left out: `build_chip` reads them one by one, with the retries and the per-chip
+    error policy. A row is read once, not retried: a chip that keeps failing then waits for one
+    round of retries, not two. As in `build_chip`, the first ``plan.reuse[key]`` slots of a chip are
     copied from its ``stored`` array (by chip id) and only the others are read.
     """
     stored = stored or {}
@@ -404,7 +402,15 @@ def read_chip_rows(
         window = ChipGrid(first.crs, left, top, round((right - left) / px), px, height=round((top - bottom) / px))
         items, where = _unique_items(slot for p in row for _, slot in todo[p.id])
         try:
-            scenes, _ = _read_with_retries(items, layout, window, engine, retries, backoff, sleep)
+            scenes = read_items(
+                items,
+                layout.bands,
+                window,
+                dtype=np.dtype(layout.dtype),
+                nodata=layout.nodata,
+                engine=engine,
+                resampling=layout.resampling,
+            )
         except Exception:
             continue
         for p in row:

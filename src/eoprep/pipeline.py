@@ -131,8 +131,6 @@ def _read_rows(
             plans,
             layout,
             engine=options.engine,
-            retries=options.retries,
-            backoff=options.backoff,
             stored={chip: arrays[key] for chip, arrays in stored.items() if key in arrays},
         )
         for key, layout in layouts.items()
