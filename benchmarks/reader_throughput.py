@@ -6,8 +6,8 @@ One run on this machine:
   ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with
   the default lossless compressor (blosc-lz4) + TACO shards, and Zarr with a lossy codec (``output.codec``,
   default h265 quality 20);
-* readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4) with 0 and 2 workers, one full epoch,
-  all groups (s2 + s1), second epoch with persistent workers; MB/s counts decoded pixel bytes;
+* readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4) with 0 and 2 workers (persistent), all
+  groups (s2 + s1); the median of 3 epochs, the loaders taking turns; MB/s counts decoded pixel bytes;
 * baseline: the same chips read as windows from the source COGs with rasterio (every scene and band of
   the chip, onto the chip grid), in the same DataLoader settings. Handles (and GDAL's block cache) live
   for one epoch, so every tile is decoded once per epoch, as with an archive larger than the cache; a
@@ -139,14 +139,32 @@ def epoch(loader: DataLoader) -> tuple[int, int, float]:
     return n, nbytes, time.perf_counter() - start
 
 
-def measure(name: str, make: Any, results: dict[str, Any]) -> None:
-    """Second epoch of a loader whose workers persist: steady state, worker start-up not counted."""
-    for workers in (0, 2):
-        loader = DataLoader(make(), batch_size=4, num_workers=workers, persistent_workers=workers > 0)
+ROUNDS = 3
+
+
+def measure(readers: dict[str, Any], results: dict[str, Any]) -> None:
+    """Median of ``ROUNDS`` epochs per loader, the loaders taking turns in every round.
+
+    On a shared 2-core machine the speed drifts by tens of percent over a minute; taking turns puts
+    each reader and its baseline under the same drift, and the median drops the odd slow epoch.
+    Workers persist across epochs, so their start-up is not counted; one warm-up epoch each first.
+    """
+    loaders = {
+        f"{name} w{workers}": DataLoader(make(), batch_size=4, num_workers=workers, persistent_workers=workers > 0)
+        for name, make in readers.items()
+        for workers in (0, 2)
+    }
+    epochs: dict[str, list[tuple[int, int, float]]] = {key: [] for key in loaders}
+    for loader in loaders.values():
         epoch(loader)
-        n, nbytes, seconds = epoch(loader)
-        results[f"{name} w{workers}"] = {"samples_per_s": n / seconds, "mb_per_s": nbytes / 1e6 / seconds, "n": n}
-        print(f"{name:<22} workers={workers}  {n / seconds:8.1f} samples/s  {nbytes / 1e6 / seconds:8.1f} MB/s")
+    for _ in range(ROUNDS):
+        for key, loader in loaders.items():
+            epochs[key].append(epoch(loader))
+    for key, runs in epochs.items():
+        n, nbytes, seconds = sorted(runs, key=lambda r: r[2])[len(runs) // 2]
+        results[key] = {"samples_per_s": n / seconds, "mb_per_s": nbytes / 1e6 / seconds, "n": n}
+        print(f"{key:<30} {n / seconds:8.1f} samples/s  {nbytes / 1e6 / seconds:8.1f} MB/s")
+    del loaders
 
 
 class SmallCNN(torch.nn.Module):
@@ -238,11 +256,15 @@ def main() -> None:
                 )
                 print(f"{name}: {summary.chips_written} chips, {summary.bytes_written / 1e6:.1f} MB stored")
         lossless, lossy = root / "lossless", root / "lossy"
-        measure("COG windows (rasterio)", lambda: CogWindows(lossless / "chips.zarr", hrefs), results)
-        measure("COG windows, kept cache", lambda: CogWindows(lossless / "chips.zarr", hrefs, fresh=False), results)
-        measure("Zarr blosc-lz4", lambda: ChipIterableDataset(lossless, format="zarr", seed=0), results)
-        measure(f"Zarr {json.loads(args.codec)['name']}", lambda: ChipIterableDataset(lossy, format="zarr"), results)
-        measure("TACO", lambda: ChipIterableDataset(lossless, format="taco", seed=0), results)
+        lossy_name = f"Zarr {json.loads(args.codec)['name']}"
+        readers = {
+            "COG windows (rasterio)": lambda: CogWindows(lossless / "chips.zarr", hrefs),
+            "COG windows, kept cache": lambda: CogWindows(lossless / "chips.zarr", hrefs, fresh=False),
+            "Zarr blosc-lz4": lambda: ChipIterableDataset(lossless, format="zarr", seed=0),
+            lossy_name: lambda: ChipIterableDataset(lossy, format="zarr"),
+            "TACO": lambda: ChipIterableDataset(lossless, format="taco", seed=0),
+        }
+        measure(readers, results)
         for key, value in list(results.items()):
             base = results[f"COG windows (rasterio) {key.rsplit(' ', 1)[1]}"]["samples_per_s"]
             value["x_cog"] = value["samples_per_s"] / base
