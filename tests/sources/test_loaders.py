@@ -58,3 +58,40 @@ def test_unknown_engine_is_named(demo_archive):
             nodata=0,
             engine="gdal",
         )
+
+
+@pytest.mark.parametrize(
+    ("collection", "bands"),
+    [("demo-sentinel-2-l2a", ["B02", "B11", "SCL"]), ("demo-landsat-c2-l2", ["red", "qa_pixel"])],
+    ids=["s2-20m", "landsat-30m"],
+)
+def test_odc_stac_reads_nested_bands_on_their_own_grid_with_the_pixels_of_its_warp(demo_archive, collection, bands):
+    import odc.stac
+    import pystac
+
+    from eoprep.sources._loaders import _nested_bands
+
+    grid = GlobalGrid(cell_size=1280, pixel_size=10)
+    items = _items(demo_archive, collection)
+    cells = grid.cells_in_bbox((8.95, 45.37, 9.11, 45.48))
+    offsets = set()
+    for cell in cells[:: max(1, len(cells) // 10)]:
+        chip = ChipGrid(cell.crs, cell.x0, cell.y0, cell.size, cell.pixel_size)
+        nested = _nested_bands(items, bands, chip, "nearest")
+        assert set(nested) == set(bands) - {"B02"}, "the coarse bands did not take the source-grid path"
+        offsets |= {nest[1:] for nest in nested.values()}
+        got = read_items(items, bands, chip, dtype=np.dtype("uint16"), nodata=0)
+        ds = odc.stac.load(
+            [pystac.Item.from_dict(i) for i in items],
+            bands=bands,
+            geobox=chip.geobox(),
+            chunks=None,
+            groupby="id",
+            resampling="nearest",
+            dtype="uint16",
+            preserve_original_order=True,
+        )
+        # read_items maps each band's own nodata (QA_PIXEL's fill is 1) to the collection's 0
+        want = [np.where(ds[b].values == ds[b].attrs.get("nodata", 0), 0, ds[b].values) for b in bands]
+        np.testing.assert_array_equal(got, np.stack(want, axis=1), err_msg=cell.id)
+    assert offsets - {(0, 0)}, "no chip started inside a source pixel; the offset case was not exercised"

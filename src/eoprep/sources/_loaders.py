@@ -84,35 +84,103 @@ def _read_odc(
     nodata: float,
     resampling: str | dict[str, str],
 ) -> np.ndarray:
+    """odc-stac loads: bands on the chip grid, except bands whose source pixels nest in it.
+
+    A nearest-neighbour band whose source grid is the chip grid coarsened by an integer factor (a
+    20 m band under 10 m chips) is loaded on that source grid and its pixels are replicated: the
+    same pixels as odc-stac's warp onto the chip grid, without GDAL's warper, which costs odc-stac
+    more than reading the band.
+    """
     import odc.stac
 
     stac_items = [pystac.Item.from_dict(item) for item in items]
-    ds = odc.stac.load(
-        stac_items,
-        bands=list(bands),
-        geobox=grid.geobox(),
-        chunks=None,
-        groupby="id",
-        resampling=resampling,
-        dtype=dtype.name,
-        fail_on_error=True,
-        preserve_original_order=True,
-    )
-    data = np.stack([ds[b].values for b in bands], axis=1).astype(dtype, copy=False)
-    if data.shape[0] != len(stac_items):
-        raise RuntimeError(f"odc-stac returned {data.shape[0]} scenes for {len(stac_items)} items")
-    return _fill_nodata(data, ds, bands, nodata)
-
-
-def _fill_nodata(data: np.ndarray, ds: Any, bands: Sequence[str], nodata: float) -> np.ndarray:
-    """Make every band's own nodata the collection's single fill value."""
-    for k, band in enumerate(bands):
-        band_nodata = ds[band].attrs.get("nodata")
-        if band_nodata is None or _same(band_nodata, nodata):
+    nested = _nested_bands(items, bands, grid, resampling)
+    loads: dict[tuple[int, int, int], list[str]] = {(1, 0, 0): [b for b in bands if b not in nested]}
+    for band, nest in nested.items():
+        loads.setdefault(nest, []).append(band)
+    out = np.empty((len(items), len(bands), *grid.shape), dtype=dtype)
+    for (ratio, dy, dx), group in loads.items():
+        if not group:
             continue
-        plane = data[:, k]
-        plane[is_nodata(plane, band_nodata)] = nodata
-    return data
+        ds = odc.stac.load(
+            stac_items,
+            bands=group,
+            geobox=grid.geobox() if ratio == 1 else _coarse_geobox(grid, ratio, dy, dx),
+            chunks=None,
+            groupby="id",
+            resampling={b: resampling.get(b, "nearest") for b in group} if isinstance(resampling, dict) else resampling,
+            dtype=dtype.name,
+            fail_on_error=True,
+            preserve_original_order=True,
+        )
+        for band in group:
+            values = _fill_nodata(ds[band].values.astype(dtype, copy=False), ds[band].attrs.get("nodata"), nodata)
+            if values.shape[0] != len(stac_items):
+                raise RuntimeError(f"odc-stac returned {values.shape[0]} scenes for {len(stac_items)} items")
+            if ratio > 1:
+                values = _replicate(values, ratio, dy, dx, grid.shape)
+            out[:, bands.index(band)] = values
+    return out
+
+
+def _nested_bands(
+    items: Sequence[dict[str, Any]], bands: Sequence[str], grid: ChipGrid, resampling: str | dict[str, str]
+) -> dict[str, tuple[int, int, int]]:
+    """Bands read by nearest neighbour whose source grid, in every item, is the chip grid coarsened by an
+    integer factor: band → (factor, row and column of the chip's first pixel inside its source pixel)."""
+    nested = {}
+    for band in bands:
+        method = resampling.get(band, "nearest") if isinstance(resampling, dict) else resampling
+        if method != "nearest":
+            continue
+        nests = {_nest(item, band, grid) for item in items}
+        if len(nests) == 1 and (nest := nests.pop()) is not None and nest[0] > 1:
+            nested[band] = nest
+    return nested
+
+
+def _nest(item: dict[str, Any], band: str, grid: ChipGrid) -> tuple[int, int, int] | None:
+    """How the chip grid sits in the asset's pixel grid (factor, row, column offsets), or None if it does not nest."""
+    asset, props = item["assets"].get(band, {}), item.get("properties", {})
+    transform = asset.get("proj:transform") or props.get("proj:transform")
+    code = asset.get("proj:code") or props.get("proj:code")
+    epsg = asset.get("proj:epsg") or props.get("proj:epsg")
+    crs = code or (f"EPSG:{epsg}" if epsg else None)
+    if transform is None or crs is None or str(crs).upper() != grid.crs.upper():
+        return None
+    a, b, c, d, e, f = (float(v) for v in list(transform)[:6])
+    if b != 0 or d != 0 or abs(a + e) > 1e-9 or a <= 0:
+        return None
+    steps = (a / grid.pixel_size, (grid.x0 - c) / grid.pixel_size, (f - grid.y0) / grid.pixel_size)
+    if not all(abs(v - round(v)) < 1e-6 for v in steps):
+        return None
+    ratio, x_px, y_px = (round(v) for v in steps)
+    return (ratio, y_px % ratio, x_px % ratio) if ratio >= 1 else None
+
+
+def _coarse_geobox(grid: ChipGrid, ratio: int, dy: int, dx: int) -> Any:
+    """The source-resolution grid whose pixels cover the chip, aligned with the source pixels."""
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    rows, cols = grid.shape
+    step = grid.pixel_size * ratio
+    transform = Affine(step, 0.0, grid.x0 - dx * grid.pixel_size, 0.0, -step, grid.y0 + dy * grid.pixel_size)
+    return GeoBox((-(-(rows + dy) // ratio), -(-(cols + dx) // ratio)), transform, grid.crs)
+
+
+def _replicate(values: np.ndarray, ratio: int, dy: int, dx: int, shape: tuple[int, int]) -> np.ndarray:
+    """Source pixels (scene, y, x) repeated ``ratio`` times each way, cut to the chip grid."""
+    n, h, w = values.shape
+    fine = np.broadcast_to(values[:, :, None, :, None], (n, h, ratio, w, ratio)).reshape(n, h * ratio, w * ratio)
+    return fine[:, dy : dy + shape[0], dx : dx + shape[1]]
+
+
+def _fill_nodata(values: np.ndarray, band_nodata: float | None, nodata: float) -> np.ndarray:
+    """Make a band's own nodata the collection's single fill value (in place)."""
+    if band_nodata is not None and not _same(band_nodata, nodata):
+        values[is_nodata(values, band_nodata)] = nodata
+    return values
 
 
 def _same(a: float, b: float) -> bool:
