@@ -145,17 +145,26 @@ def _nest(item: dict[str, Any], band: str, grid: ChipGrid) -> tuple[int, int, in
     transform = asset.get("proj:transform") or props.get("proj:transform")
     code = asset.get("proj:code") or props.get("proj:code")
     epsg = asset.get("proj:epsg") or props.get("proj:epsg")
-    crs = code or (f"EPSG:{epsg}" if epsg else None)
-    if transform is None or crs is None or str(crs).upper() != grid.crs.upper():
+    steps = None if transform is None else _grid_steps(transform, code or (f"EPSG:{epsg}" if epsg else None), grid)
+    if steps is None:
+        return None
+    ratio, x_px, y_px = steps
+    return ratio, y_px % ratio, x_px % ratio
+
+
+def _grid_steps(transform: Sequence[float], crs: str | None, grid: ChipGrid) -> tuple[int, int, int] | None:
+    """(source pixel size, chip's left edge and top edge from the source origin), all in chip pixels, when
+    the chip grid nests in the source grid: same CRS, north-up, whole numbers. None otherwise."""
+    if crs is None or str(crs).upper() != grid.crs.upper():
         return None
     a, b, c, d, e, f = (float(v) for v in list(transform)[:6])
     if b != 0 or d != 0 or abs(a + e) > 1e-9 or a <= 0:
         return None
     steps = (a / grid.pixel_size, (grid.x0 - c) / grid.pixel_size, (f - grid.y0) / grid.pixel_size)
-    if not all(abs(v - round(v)) < 1e-6 for v in steps):
+    if not all(abs(v - round(v)) < 1e-6 for v in steps) or round(steps[0]) < 1:
         return None
     ratio, x_px, y_px = (round(v) for v in steps)
-    return (ratio, y_px % ratio, x_px % ratio) if ratio >= 1 else None
+    return ratio, x_px, y_px
 
 
 def _coarse_geobox(grid: ChipGrid, ratio: int, dy: int, dx: int) -> Any:
@@ -329,15 +338,10 @@ def _read_aligned(src: Any, grid: ChipGrid, method: str, dst: np.ndarray, nodata
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    t = src.transform
-    if src.crs is None or src.crs.to_string() != grid.crs or t.b != 0 or t.d != 0 or abs(t.a + t.e) > 1e-9:
+    steps = _grid_steps(tuple(src.transform)[:6], src.crs.to_string() if src.crs else None, grid)
+    if steps is None:
         return False
-    ratio = t.a / grid.pixel_size
-    x_px = (grid.x0 - t.c) / grid.pixel_size
-    y_px = (t.f - grid.y0) / grid.pixel_size
-    if not all(abs(v - round(v)) < 1e-6 for v in (ratio, x_px, y_px)) or round(ratio) < 1:
-        return False
-    ratio, x_px, y_px = round(ratio), round(x_px), round(y_px)
+    ratio, x_px, y_px = steps
     if method != "nearest" and (ratio != 1):
         return False
     c0, r0 = max(x_px // ratio, 0), max(y_px // ratio, 0)
