@@ -402,15 +402,7 @@ def read_chip_rows(
         window = ChipGrid(first.crs, left, top, round((right - left) / px), px, height=round((top - bottom) / px))
         items, where = _unique_items(slot for p in row for _, slot in todo[p.id])
         try:
-            scenes = read_items(
-                items,
-                layout.bands,
-                window,
-                dtype=np.dtype(layout.dtype),
-                nodata=layout.nodata,
-                engine=engine,
-                resampling=layout.resampling,
-            )
+            scenes = _read_layout(items, layout, window, engine)
         except Exception:
             continue
         for p in row:
@@ -501,6 +493,19 @@ def _unique_items(slots: Iterable[SlotPlan]) -> tuple[list[dict[str, Any]], dict
     return items, where
 
 
+def _read_layout(items: Sequence[dict[str, Any]], layout: CollectionLayout, grid: ChipGrid, engine: str) -> np.ndarray:
+    """The collection's bands of ``items`` on ``grid``, in its dtype, nodata and resampling."""
+    return read_items(
+        items,
+        layout.bands,
+        grid,
+        dtype=np.dtype(layout.dtype),
+        nodata=layout.nodata,
+        engine=engine,
+        resampling=layout.resampling,
+    )
+
+
 def _read_with_retries(
     items: Sequence[dict[str, Any]],
     layout: CollectionLayout,
@@ -513,16 +518,7 @@ def _read_with_retries(
     attempt = 0
     while True:
         try:
-            scenes = read_items(
-                items,
-                layout.bands,
-                grid,
-                dtype=np.dtype(layout.dtype),
-                nodata=layout.nodata,
-                engine=engine,
-                resampling=layout.resampling,
-            )
-            return scenes, attempt + 1
+            return _read_layout(items, layout, grid, engine), attempt + 1
         except Exception:
             if attempt == retries:
                 raise
