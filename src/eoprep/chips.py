@@ -242,7 +242,13 @@ def plan_chips(
     layouts: dict[str, CollectionLayout],
 ) -> tuple[list[ChipPlan], list[tuple[str, str]]]:
     """Chips (cell × window) with at least one item, and notes on what was left out and why."""
-    footprints = {key: [shapely.geometry.shape(it.geometry) for it in its] for key, its in items.items()}
+    # Per item once, not per chip it touches: footprints (tested against each cell in one vectorised
+    # call), acquisition times and solar days.
+    footprints = {
+        key: np.array([shapely.geometry.shape(it.geometry) for it in its], dtype=object) for key, its in items.items()
+    }
+    stamps = {key: [pd.Timestamp(it.datetime) for it in its] for key, its in items.items()}
+    days = {(it.collection_id, it.id): _solar_day(it) for its in items.values() for it in its}
     fingerprints = {
         (it.collection_id, it.id): item_fingerprint(it, layouts[key].bands) for key, its in items.items() for it in its
     }
@@ -253,16 +259,13 @@ def plan_chips(
     for cell in cells:
         chip_poly = cell.footprint
         grid_ = ChipGrid(cell.crs, cell.x0, cell.y0, cell.size, cell.pixel_size)
+        touching = {key: np.flatnonzero(shapely.intersects(fps, chip_poly)) for key, fps in footprints.items()}
         for start, end in spec.windows():
             cid = chip_id(cell.id, start.date(), end.date())
             plan = ChipPlan(cid, cell.id, grid_, chip_poly.wkt, start, end)
             for key, its in items.items():
-                hits = [
-                    it
-                    for it, fp in zip(its, footprints[key], strict=True)
-                    if start <= pd.Timestamp(it.datetime) <= end and fp.intersects(chip_poly)
-                ]
-                slots = _slots(spec, hits, start, end, dicts)
+                hits = [its[i] for i in touching[key] if start <= stamps[key][i] <= end]
+                slots = _slots(spec, hits, start, end, dicts, days)
                 if len(slots) > layouts[key].n_time and key not in tolerances:
                     notes.append((cid, f"{key}: {len(slots) - layouts[key].n_time} scenes beyond time.max_scenes"))
                     slots = slots[: layouts[key].n_time]
@@ -312,17 +315,18 @@ def _slots(
     start: pd.Timestamp,
     end: pd.Timestamp,
     dicts: dict[tuple[str | None, str], dict],
+    days: dict[tuple[str | None, str], pd.Timestamp],
 ) -> list[SlotPlan]:
     if spec.time.mode == "scenes":
-        days: dict[pd.Timestamp, list[pystac.Item]] = {}
+        by_day: dict[pd.Timestamp, list[pystac.Item]] = {}
         for item in hits:
-            days.setdefault(_solar_day(item), []).append(item)
+            by_day.setdefault(days[item.collection_id, item.id], []).append(item)
         return [
             SlotPlan(
                 pd.Timestamp(members[0].datetime).tz_convert("UTC"),
                 tuple(dicts[m.collection_id, m.id] for m in members),
             )
-            for _, members in sorted(days.items())
+            for _, members in sorted(by_day.items())
         ]
     assert spec.time.period is not None
     return [
