@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from eoprep.errors import EoprepError
@@ -22,24 +22,31 @@ WORKER_ENV = {
     "GDAL_HTTP_RETRY_DELAY": "1",
 }
 
-#: glibc reads these once, when a process starts: Dask must put them in the environment it spawns a
-#: worker with (``distributed.nanny.pre-spawn-environ``); set in a worker's ``env`` they come too late.
-#: Dask's own 64 KiB trim threshold hands freed heap memory back at once, which also pins glibc's mmap
-#: threshold at 128 KiB, so every chip-sized buffer of the next shard faults its pages in again: about
-#: 400,000 page faults per 80 chips of 256², and tasks 1.45x slower (measured in one worker). Buffers
-#: up to 64 MiB now come from the heap, and up to 256 MiB of freed heap (a shard's working set) stays.
-WORKER_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-}
+#: glibc malloc parameters for chip work (mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). Dask starts workers
+#: with a 64 KiB trim threshold, which hands freed heap memory back at once and pins the mmap threshold at
+#: 128 KiB: every chip-sized buffer of the next shard then faults its pages in again (about 400,000 page
+#: faults per 80 chips of 256², tasks 1.45x slower, measured in one worker). With these, buffers up to 64 MiB
+#: come from the heap and up to 256 MiB of freed heap (a shard's working set) stays for the next shard.
+_MALLOPT = {-3: 64 * 2**20, -1: 256 * 2**20}
+
+
+def tune_malloc() -> bool:
+    """Set `_MALLOPT` in this process; False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in _MALLOPT.items())
 
 
 class _Preload(WorkerPlugin):
-    """Import the readers when a worker starts, so the first chip does not pay seconds of imports."""
+    """Tune malloc and import the readers when a worker starts (on a LocalCluster or a cluster joined with
+    ``--scheduler``), so the first chip does not pay seconds of imports."""
 
     name = "eoprep-preload"
 
     def setup(self, worker: object) -> None:
+        tune_malloc()
         import odc.stac  # noqa: F401
         import rasterio  # noqa: F401
         import zarr  # noqa: F401
@@ -69,16 +76,15 @@ def dask_client(
             client.close()
         return
     n = workers or max(1, min(os.cpu_count() or 1, 8))
-    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}):
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address="127.0.0.1:0",
-            silence_logs=logging.ERROR,
-            env=WORKER_ENV,
-            memory_limit="auto",
-        )
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address="127.0.0.1:0",
+        silence_logs=logging.ERROR,
+        env=WORKER_ENV,
+        memory_limit="auto",
+    )
     client = Client(cluster)
     client.register_plugin(_Preload())
     say(f"Dask LocalCluster: {n} worker processes · dashboard {client.dashboard_link}")
