@@ -2,9 +2,9 @@
 
 One run on this machine:
 
-* outputs: 115 chips of 1280 m (the benchmark archive that ``pipeline_throughput.py`` also uses) run through
-  ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with
-  the default lossless compressor (blosc-lz4) + TACO shards, and Zarr with a lossy codec (``output.codec``,
+* outputs: 115 chips of 1280 m from the benchmark archive that ``pipeline_throughput.py`` also uses,
+  written by ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with the default
+  lossless compressor (blosc-lz4) + TACO shards, and Zarr with a lossy codec (``output.codec``,
   default h265 quality 20);
 * readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4) with 0 and 2 workers (persistent), all
   groups (s2 + s1); the median of 3 epochs, the loaders taking turns; MB/s counts decoded pixel bytes;
