@@ -468,7 +468,7 @@ def _start_chip(
     The slots in ``todo`` are left unset: their reads write every pixel, and a chip is MBs, so not
     filling it first saves a pass over it.
     """
-    out = np.empty((layout.n_time, len(layout.bands), plan.grid.size, plan.grid.size), dtype=np.dtype(layout.dtype))
+    out = np.empty(_chip_shape(plan, layout), dtype=np.dtype(layout.dtype))
     reuse = _reused(plan, layout, stored)
     if reuse:
         out[:reuse] = stored[:reuse]
@@ -481,8 +481,12 @@ def _start_chip(
 
 def empty_chip(plan: ChipPlan, layout: CollectionLayout) -> np.ndarray:
     """A chip of nodata: what an unread time step, or a skipped chip, holds."""
-    shape = (layout.n_time, len(layout.bands), plan.grid.size, plan.grid.size)
-    return np.full(shape, layout.nodata, dtype=np.dtype(layout.dtype))
+    return np.full(_chip_shape(plan, layout), layout.nodata, dtype=np.dtype(layout.dtype))
+
+
+def _chip_shape(plan: ChipPlan, layout: CollectionLayout) -> tuple[int, int, int, int]:
+    """(time, band, y, x) of one collection's chip."""
+    return (layout.n_time, len(layout.bands), plan.grid.size, plan.grid.size)
 
 
 def _unique_items(slots: Iterable[SlotPlan]) -> tuple[list[dict[str, Any]], dict[str, int]]:
