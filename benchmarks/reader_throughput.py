@@ -6,8 +6,9 @@ One run on this machine:
   written by ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with the default
   lossless compressor (blosc-lz4) + TACO shards, and Zarr with a lossy codec (``output.codec``,
   default h265 quality 20);
-* readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4) with 0 and 2 workers (persistent), all
-  groups (s2 + s1); the median of 3 epochs, the loaders taking turns; MB/s counts decoded pixel bytes;
+* readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4, ``collate_fn=collate_chips``) with 0 and
+  2 workers (persistent), all groups (s2 + s1); one Zarr row with PyTorch's default collate shows what
+  ``collate_chips`` saves; the median of 3 epochs, the loaders taking turns; MB/s counts decoded pixel bytes;
 * baseline: the same chips read as windows from the source COGs with rasterio (every scene and band of
   the chip, onto the chip grid), in the same DataLoader settings. Handles (and GDAL's block cache) live
   for one epoch, so every tile is decoded once per epoch, as with an archive larger than the cache; a
@@ -41,7 +42,7 @@ from eoprep.config import parse_spec
 from eoprep.demo import DEMO_DATETIME, S1_COLLECTION, S2_COLLECTION
 from eoprep.embedded import demo_archive
 from eoprep.pipeline import run_pipeline
-from eoprep.readers import ChipIterableDataset
+from eoprep.readers import ChipIterableDataset, collate_chips
 from eoprep.runtime import dask_client
 
 # 115 chips: an epoch of a few dozen batches, so per-epoch start-up of the workers does not dominate.
@@ -142,7 +143,7 @@ def epoch(loader: DataLoader) -> tuple[int, int, float]:
 ROUNDS = 3
 
 
-def measure(readers: dict[str, Any], results: dict[str, Any]) -> None:
+def measure(readers: dict[str, tuple[Any, Any]], results: dict[str, Any]) -> None:
     """Median of ``ROUNDS`` epochs per loader, the loaders taking turns in every round.
 
     On a shared 2-core machine the speed drifts by tens of percent over a minute; taking turns puts
@@ -150,8 +151,10 @@ def measure(readers: dict[str, Any], results: dict[str, Any]) -> None:
     Workers persist across epochs, so their start-up is not counted; one warm-up epoch each first.
     """
     loaders = {
-        f"{name} w{workers}": DataLoader(make(), batch_size=4, num_workers=workers, persistent_workers=workers > 0)
-        for name, make in readers.items()
+        f"{name} w{workers}": DataLoader(
+            make(), batch_size=4, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate
+        )
+        for name, (make, collate) in readers.items()
         for workers in (0, 2)
     }
     epochs: dict[str, list[tuple[int, int, float]]] = {key: [] for key in loaders}
@@ -198,7 +201,7 @@ def cnn_ratio(make: Any) -> dict[str, float]:
     i.e. reader-bound time. On 2 cores the two workers also take CPU from the training step, which
     raises ``ratio`` without the loop ever waiting.
     """
-    cached = [to_input(b) for b in DataLoader(make(), batch_size=4, num_workers=0)]
+    cached = [to_input(b) for b in DataLoader(make(), batch_size=4, num_workers=0, collate_fn=collate_chips)]
     model = SmallCNN(cached[0].shape[1])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -212,7 +215,7 @@ def cnn_ratio(make: Any) -> dict[str, float]:
     for x in cached:
         step(x)
     compute = time.perf_counter() - start
-    loader = DataLoader(make(), batch_size=4, num_workers=2, persistent_workers=True)
+    loader = DataLoader(make(), batch_size=4, num_workers=2, persistent_workers=True, collate_fn=collate_chips)
     for batch in loader:
         step(to_input(batch))
     waiting = 0.0
@@ -258,11 +261,12 @@ def main() -> None:
         lossless, lossy = root / "lossless", root / "lossy"
         lossy_name = f"Zarr {json.loads(args.codec)['name']}"
         readers = {
-            "COG windows (rasterio)": lambda: CogWindows(lossless / "chips.zarr", hrefs),
-            "COG windows, kept cache": lambda: CogWindows(lossless / "chips.zarr", hrefs, fresh=False),
-            "Zarr blosc-lz4": lambda: ChipIterableDataset(lossless, format="zarr", seed=0),
-            lossy_name: lambda: ChipIterableDataset(lossy, format="zarr"),
-            "TACO": lambda: ChipIterableDataset(lossless, format="taco", seed=0),
+            "COG windows (rasterio)": (lambda: CogWindows(lossless / "chips.zarr", hrefs), None),
+            "COG windows, kept cache": (lambda: CogWindows(lossless / "chips.zarr", hrefs, fresh=False), None),
+            "Zarr blosc-lz4": (lambda: ChipIterableDataset(lossless, format="zarr", seed=0), collate_chips),
+            "Zarr, default collate": (lambda: ChipIterableDataset(lossless, format="zarr", seed=0), None),
+            lossy_name: (lambda: ChipIterableDataset(lossy, format="zarr"), collate_chips),
+            "TACO": (lambda: ChipIterableDataset(lossless, format="taco", seed=0), collate_chips),
         }
         measure(readers, results)
         for key, value in list(results.items()):

@@ -16,7 +16,7 @@ from eoprep.pipeline import run_pipeline
 torch = pytest.importorskip("torch")
 pytest.importorskip("tacotoolbox")
 
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from eoprep.readers import (  # noqa: E402
     ChipDataset,
@@ -24,6 +24,7 @@ from eoprep.readers import (  # noqa: E402
     ChipSampler,
     ShardError,
     as_torchgeo,
+    collate_chips,
     epoch_order,
     partition,
 )
@@ -130,6 +131,53 @@ def test_dataloader_workers_and_ranks_read_each_chip_once_per_epoch(chips_out, f
     sampler = ChipSampler(ChipDataset(chips_out, format=fmt), seed=11, rank=1, world_size=2)
     other = ChipSampler(ChipDataset(chips_out, format=fmt), seed=11, rank=0, world_size=2)
     assert sorted([*sampler, *other]) == list(range(len(all_ids)))
+
+
+def _leaves(batch):
+    if isinstance(batch, dict):
+        return [leaf for value in batch.values() for leaf in _leaves(value)]
+    return [batch]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "taco"])
+def test_collate_chips_matches_default_collate_in_one_shared_buffer(chips_out, fmt):
+    def loader(collate_fn):
+        ds = ChipIterableDataset(chips_out, format=fmt, shuffle=False)
+        return DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_fn)
+
+    packed, default = list(loader(collate_chips)), list(loader(None))
+    assert len(packed) == len(default) > 2
+    for ours, theirs in zip(packed, default, strict=True):
+        assert ours.keys() == theirs.keys() and ours["pixels"].keys() == theirs["pixels"].keys()
+        assert ours["id"] == theirs["id"] and ours["crs"] == theirs["crs"]
+        mine, reference = _leaves(ours), _leaves(theirs)
+        for a, b in zip(mine, reference, strict=True):
+            if isinstance(b, torch.Tensor):
+                assert a.shape == b.shape and _same(a, b)
+            else:
+                assert a == b
+        tensors = [t for t in mine if isinstance(t, torch.Tensor)]
+        assert len(tensors) >= 9 and len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+        assert len({t.untyped_storage().data_ptr() for t in reference if isinstance(t, torch.Tensor)}) > 1
+    samples = [ChipDataset(chips_out, format=fmt)[i] for i in range(3)]
+    in_process, reference = collate_chips(samples), default_collate(samples)
+    assert in_process["pixels"]["s2"].shape == (3, 8, 7, 128, 128)
+    for a, b in zip(_leaves(in_process), _leaves(reference), strict=True):
+        assert _same(a, b) if isinstance(b, torch.Tensor) else a == b
+
+
+def test_collate_chips_names_the_field_that_does_not_stack():
+    a = {"pixels": {"s2": torch.zeros(2, 4, 4)}, "id": "a"}
+    b = {"pixels": {"s2": torch.zeros(2, 4, 5)}, "id": "b"}
+    with pytest.raises(ValueError, match=r"shape or dtype of 'pixels.s2'"):
+        collate_chips([a, b])
+    with pytest.raises(ValueError, match=r"keys of 'pixels'"):
+        collate_chips([a, {"pixels": {"s1": torch.zeros(2, 4, 4)}, "id": "c"}])
+    batch = collate_chips(
+        [{"x": np.float32(0.5), "n": 3, "ok": True, "id": "a"}, {"x": 1.5, "n": 4, "ok": False, "id": "b"}]
+    )
+    assert batch["x"].dtype == torch.float64 and batch["x"].tolist() == [0.5, 1.5]
+    assert batch["n"].tolist() == [3, 4] and batch["ok"].tolist() == [True, False] and batch["id"] == ["a", "b"]
 
 
 def test_geographic_split_filters_chips(chips_out):

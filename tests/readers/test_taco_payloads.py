@@ -81,6 +81,15 @@ def test_bigtiff_payloads_decode():
     assert got is not None and got.tobytes() == arr.tobytes()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_float_predictor_payloads_decode(dtype):
+    """Shards written before floats dropped the predictor (TIFF predictor 3) still decode bit for bit."""
+    arr = _pixels((4, 128, 128), dtype)
+    data = _gdal_tiff(arr, compress="zstd", predictor=3, interleave="band", tiled=True, blockxsize=128, blockysize=128)
+    got = decode_geotiff(data, (2, 2, 128, 128))
+    assert got is not None and got.tobytes() == arr.tobytes()
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -290,7 +290,12 @@ def _geotiff(
     bands: Sequence[str],
     times: np.ndarray,
 ) -> bytes:
-    """One chip of one collection as GeoTIFF bytes: ``time × band`` image bands, lossless zstd."""
+    """One chip of one collection as GeoTIFF bytes: ``time × band`` image bands, lossless zstd.
+
+    Integers get the horizontal predictor. Floats get none: TIFF's floating-point predictor saves
+    about 8 % of an S1 payload's bytes but makes it a third slower to decode, and decoding is what
+    a training reader waits on.
+    """
     from affine import Affine
     from rasterio.io import MemoryFile
 
@@ -306,7 +311,7 @@ def _geotiff(
         "transform": Affine.from_gdal(*transform),
         "nodata": np.nan if np.issubdtype(arr.dtype, np.floating) else nodata,
         "compress": "zstd",
-        "predictor": 3 if np.issubdtype(arr.dtype, np.floating) else 2,
+        "predictor": 1 if np.issubdtype(arr.dtype, np.floating) else 2,
         "interleave": "band",
     }
     if tiled:
