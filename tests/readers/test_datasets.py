@@ -180,6 +180,23 @@ def test_collate_chips_names_the_field_that_does_not_stack():
     assert batch["n"].tolist() == [3, 4] and batch["ok"].tolist() == [True, False] and batch["id"] == ["a", "b"]
 
 
+def _big_buffer_from_heap(sample):
+    """Whether a 48 MB buffer comes from the brk heap, where freed memory is reused, rather than a fresh mmap."""
+    ptr = torch.empty(6 * 2**20, dtype=torch.float64).data_ptr()
+    with open("/proc/self/maps") as maps:
+        heaps = [line.split()[0].split("-") for line in maps if line.rstrip().endswith("[heap]")]
+    sample["from_heap"] = any(int(lo, 16) <= ptr < int(hi, 16) for lo, hi in heaps)
+    return sample
+
+
+def test_dataloader_workers_keep_chip_buffers_on_the_heap(chips_out):
+    """Workers raise glibc's mmap threshold (above its 32 MB dynamic limit), so freed chip-sized buffers are
+    reused instead of each one being a fresh mapping whose pages fault in again; the main process is left alone."""
+    ds = ChipIterableDataset(chips_out, groups=["s1"], transform=_big_buffer_from_heap)
+    assert all(v for batch in DataLoader(ds, batch_size=2, num_workers=2) for v in batch["from_heap"])
+    assert not any(next(iter(DataLoader(ds, batch_size=2, num_workers=0)))["from_heap"])
+
+
 def test_geographic_split_filters_chips(chips_out):
     write_splits(chips_out, block_size=1, buffer=0, fractions={"train": 0.5, "test": 0.5}, seed=2)
     table = read_splits(chips_out)

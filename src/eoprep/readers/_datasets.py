@@ -4,6 +4,9 @@ Every epoch has one global order of chips: shards in a shuffled order, chips shu
 shard, both drawn from ``(seed, epoch)``. That order is cut into contiguous, balanced ranges, first
 per distributed rank, then per DataLoader worker; the ranges tile the order, so in one epoch every
 chip is read exactly once across all ranks and workers, and each worker touches few shards.
+
+In a DataLoader worker process the datasets set glibc's malloc thresholds the way eoprep's Dask
+workers do, so each sample's decode buffers reuse freed heap pages; the main process is left alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
+from eoprep._malloc import tune_malloc
 from eoprep.errors import EoprepError
 from eoprep.readers._sources import ChipRecord, ShardError, open_source
 
@@ -128,6 +132,7 @@ class _ChipReader:
         return [r.shard for r in self.records]
 
     def _sample(self, record: ChipRecord) -> Sample:
+        _tune_worker()
         arrays = self.source.read(record, self.groups)
         pixels = {}
         for g in self.groups:
@@ -147,6 +152,17 @@ class _ChipReader:
         if self.features is not None:
             sample["embedding"] = torch.from_numpy(self.features[record.id])
         return self.transform(sample) if self.transform is not None else sample
+
+
+_worker_tuned = False
+
+
+def _tune_worker() -> None:
+    """In a DataLoader worker, once: malloc settings that let each sample's buffers reuse the last one's pages."""
+    global _worker_tuned
+    if not _worker_tuned and get_worker_info() is not None:
+        tune_malloc()
+        _worker_tuned = True
 
 
 def _output_dir(path: str, source_url: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -10,6 +9,7 @@ from contextlib import contextmanager
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
+from eoprep._malloc import tune_malloc
 from eoprep.errors import EoprepError
 
 __all__ = ["dask_client"]
@@ -21,22 +21,6 @@ WORKER_ENV = {
     "GDAL_HTTP_MAX_RETRY": "3",
     "GDAL_HTTP_RETRY_DELAY": "1",
 }
-
-#: glibc malloc parameters for chip work (mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). Dask starts workers
-#: with a 64 KiB trim threshold, which hands freed heap memory back at once and pins the mmap threshold at
-#: 128 KiB: every chip-sized buffer of the next shard then faults its pages in again (about 400,000 page
-#: faults per 80 chips of 256², tasks 1.45x slower, measured in one worker). With these, buffers up to 64 MiB
-#: come from the heap and up to 256 MiB of freed heap (a shard's working set) stays for the next shard.
-_MALLOPT = {-3: 64 * 2**20, -1: 256 * 2**20}
-
-
-def tune_malloc() -> bool:
-    """Set `_MALLOPT` in this process; False where the C library has no ``mallopt`` (not glibc)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(param, value) == 1 for param, value in _MALLOPT.items())
 
 
 class _Preload(WorkerPlugin):
