@@ -3,9 +3,10 @@
 One run on this machine:
 
 * outputs: 115 chips of 1280 m from the benchmark archive that ``pipeline_throughput.py`` also uses,
-  written by ``run_pipeline`` (real pgstac API, LocalCluster) three ways: Zarr with the default
-  lossless compressor (blosc-lz4) + TACO shards, and Zarr with a lossy codec (``output.codec``,
-  default h265 quality 20);
+  written by ``run_pipeline`` (real pgstac API, LocalCluster): Zarr with the default lossless
+  compressor (blosc-lz4) + TACO shards, and Zarr once per lossy codec (``output.codec``; by default
+  h265 quality 20, the video codec that stores least, and LERC at 50 dB PSNR, an error-bounded
+  scientific codec);
 * readers: ``ChipIterableDataset`` in a ``DataLoader`` (batch 4, ``collate_fn=collate_chips``) with 0 and
   2 workers (persistent), all groups (s2 + s1); one Zarr row with PyTorch's default collate shows what
   ``collate_chips`` saves; the median of 3 epochs, the loaders taking turns; MB/s counts decoded pixel bytes;
@@ -16,7 +17,7 @@ One run on this machine:
 * CNN: a small conv net training step on the s2 batches; the ratio is (epoch time fed by a 2-worker
   DataLoader) / (the same steps on batches already in memory). Near 1 means the reader keeps up.
 
-    .venv/bin/python benchmarks/reader_throughput.py [--codec '{"name": "h265", "quality": 20}'] [--json out.json]
+    .venv/bin/python benchmarks/reader_throughput.py [--codec '{"name": "h265", "quality": 20}' ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ def epoch(loader: DataLoader) -> tuple[int, int, float]:
 
 ROUNDS = 3
 
+LOSSY_CODECS = [{"name": "h265", "quality": 20}, {"name": "lerc", "target_psnr": 50}]
+
 
 def measure(readers: dict[str, tuple[Any, Any]], results: dict[str, Any]) -> None:
     """Median of ``ROUNDS`` epochs per loader, the loaders taking turns in every round.
@@ -238,9 +241,10 @@ def cnn_ratio(make: Any) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--codec", default='{"name": "h265", "quality": 20}', help="lossy output.codec (JSON)")
+    parser.add_argument("--codec", action="append", help="a lossy output.codec (JSON); repeat for several")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
+    codecs = [json.loads(c) for c in args.codec] if args.codec else LOSSY_CODECS
     torch.set_num_threads(1)
     archive = demo_archive(default_data_dir() / "bench-archive", bbox=ARCHIVE_BBOX, say=print)
     hrefs: dict[str, dict[str, dict[str, str]]] = {key: {} for key in GROUPS}
@@ -253,21 +257,26 @@ def main() -> None:
         root = Path(tmp)
         with LocalStacServer(root / "catalog") as server, dask_client(workers=2, say=lambda _m: None) as client:
             server.load(archive.collections, archive.items)
-            for name, fmt, codec in (("lossless", "taco", None), ("lossy", "zarr", json.loads(args.codec))):
+            outputs = [("lossless", "taco", None)] + [(f"lossy{i}", "zarr", c) for i, c in enumerate(codecs)]
+            for name, fmt, codec in outputs:
                 summary = run_pipeline(
                     spec_for(root / name, fmt=fmt, codec=codec), client=client, catalog_url=server.url, say=print
                 )
                 print(f"{name}: {summary.chips_written} chips, {summary.bytes_written / 1e6:.1f} MB stored")
-        lossless, lossy = root / "lossless", root / "lossy"
-        lossy_name = f"Zarr {json.loads(args.codec)['name']}"
+        lossless = root / "lossless"
         readers = {
             "COG windows (rasterio)": (lambda: CogWindows(lossless / "chips.zarr", hrefs), None),
             "COG windows, kept cache": (lambda: CogWindows(lossless / "chips.zarr", hrefs, fresh=False), None),
             "Zarr blosc-lz4": (lambda: ChipIterableDataset(lossless, format="zarr", seed=0), collate_chips),
             "Zarr, default collate": (lambda: ChipIterableDataset(lossless, format="zarr", seed=0), None),
-            lossy_name: (lambda: ChipIterableDataset(lossy, format="zarr"), collate_chips),
             "TACO": (lambda: ChipIterableDataset(lossless, format="taco", seed=0), collate_chips),
         }
+        for i, codec in enumerate(codecs):
+            lossy = root / f"lossy{i}"
+            readers[f"Zarr {codec['name']}"] = (
+                lambda out=lossy: ChipIterableDataset(out, format="zarr"),
+                collate_chips,
+            )
         measure(readers, results)
         for key, value in list(results.items()):
             base = results[f"COG windows (rasterio) {key.rsplit(' ', 1)[1]}"]["samples_per_s"]

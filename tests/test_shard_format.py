@@ -9,18 +9,32 @@ from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from eoprep.codecs import CodecSpec, EoprepChipCodec
 from eoprep.shard_format import EMPTY, ShardFormat
 
+
+def _chip_codec(**spec):
+    return {"serializer": EoprepChipCodec(spec=CodecSpec(**spec)), "compressors": ()}
+
+
 CHAINS = [
-    ("uint16", [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]),
-    ("uint16", [ZstdCodec(level=3)]),
-    ("float32", [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]),
-    ("int16", [GzipCodec(level=1)]),
-    ("uint8", None),
+    ("uint16", {"compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}),
+    ("uint16", {"compressors": [ZstdCodec(level=3)]}),
+    ("float32", {"compressors": [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]}),
+    ("int16", {"compressors": [GzipCodec(level=1)]}),
+    ("uint8", {"compressors": None}),
+    ("uint16", _chip_codec(name="lerc", max_error=0)),  # our own codec: lossless
+    ("uint16", _chip_codec(name="lerc", max_error=3)),  # and lossy, the fill value kept as nodata
+    ("float32", _chip_codec(name="lerc", max_error=4.0)),
+]
+LOSSY = [
+    (dtype, codecs)
+    for dtype, codecs in CHAINS
+    if "serializer" in codecs and (codecs["serializer"].spec.max_error or 0) > 0
 ]
 
 
-def _array(path, dtype, compressors, shape=(7, 3, 2, 16, 16), per_shard=4):
+def _array(path, dtype, codecs, shape=(7, 3, 2, 16, 16), per_shard=4):
     fill = np.nan if np.dtype(dtype).kind == "f" else 7
     return zarr.create_array(
         path,
@@ -28,8 +42,8 @@ def _array(path, dtype, compressors, shape=(7, 3, 2, 16, 16), per_shard=4):
         dtype=dtype,
         chunks=(1, *shape[1:]),
         shards=(per_shard, *shape[1:]),
-        compressors=compressors,
         fill_value=fill,
+        **codecs,
     )
 
 
@@ -39,9 +53,9 @@ def _data(arr):
     return data
 
 
-@pytest.mark.parametrize(("dtype", "compressors"), CHAINS)
-def test_decoding_chips_matches_zarr(tmp_path, dtype, compressors):
-    arr = _array(tmp_path / "a.zarr", dtype, compressors)
+@pytest.mark.parametrize(("dtype", "codecs"), CHAINS)
+def test_decoding_chips_matches_zarr(tmp_path, dtype, codecs):
+    arr = _array(tmp_path / "a.zarr", dtype, codecs)
     arr[:] = _data(arr)
     fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
     assert fmt is not None and fmt.chips == 4
@@ -56,21 +70,25 @@ def test_decoding_chips_matches_zarr(tmp_path, dtype, compressors):
         assert out.tobytes() == np.asarray(arr[position]).tobytes()
 
 
-@pytest.mark.parametrize(("dtype", "compressors"), CHAINS)
-def test_encoded_shards_read_back_through_zarr(tmp_path, dtype, compressors):
-    arr = _array(tmp_path / "a.zarr", dtype, compressors)
+@pytest.mark.parametrize(("dtype", "codecs"), CHAINS)
+def test_encoded_shards_read_back_through_zarr(tmp_path, dtype, codecs):
+    """Read back through zarr, our shards give what zarr's own round trip gives (the data, when lossless)."""
+    arr = _array(tmp_path / "a.zarr", dtype, codecs)
     data = _data(arr)
+    reference = _array(tmp_path / "ref.zarr", dtype, codecs)
+    reference[:] = data
     fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
     for shard_no, start in enumerate(range(0, arr.shape[0], 4)):  # the last shard is partial: 3 of 4 chips
         blob = fmt.encode(data[start : start + 4])
         key = arr.metadata.encode_chunk_key((shard_no, 0, 0, 0, 0))
         sync(arr.store.set(key, default_buffer_prototype().buffer.from_bytes(blob)))
     back = zarr.open_array(tmp_path / "a.zarr", mode="r")[:]
-    assert back.tobytes() == data.tobytes()
+    assert back.tobytes() == reference[:].tobytes()
+    assert (back.tobytes() == data.tobytes()) == ((dtype, codecs) not in LOSSY)
 
 
 def test_a_shard_of_fill_values_is_not_stored(tmp_path):
-    arr = _array(tmp_path / "a.zarr", "uint16", None)
+    arr = _array(tmp_path / "a.zarr", "uint16", {"compressors": None})
     fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
     assert fmt.encode(np.full((4, *arr.shape[1:]), 7, dtype="uint16")) is None
 

