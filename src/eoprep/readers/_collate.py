@@ -80,7 +80,7 @@ def collate_chips(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         raise ValueError("collate_chips needs at least one sample")
     stacks: list[_Stack] = []
     layout = _plan(list(samples), "", stacks)
-    if get_worker_info() is None:
+    if get_worker_info() is None or not stacks:
         return _fill(layout, [stack.build() for stack in stacks])
     offsets, size = [], 0
     for stack in stacks:
