@@ -93,6 +93,8 @@ def _read_odc(
     """
     import odc.stac
 
+    from eoprep.sources._odc_reader import CachedRioDriver
+
     stac_items = [pystac.Item.from_dict(item) for item in items]
     nested = _nested_bands(items, bands, grid, resampling)
     loads: dict[tuple[int, int, int], list[str]] = {(1, 0, 0): [b for b in bands if b not in nested]}
@@ -112,6 +114,7 @@ def _read_odc(
             dtype=dtype.name,
             fail_on_error=True,
             preserve_original_order=True,
+            driver=CachedRioDriver(),
         )
         for band in group:
             values = _fill_nodata(ds[band].values.astype(dtype, copy=False), ds[band].attrs.get("nodata"), nodata)
