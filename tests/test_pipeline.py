@@ -98,7 +98,7 @@ def test_cloud_fraction_follows_scl(demo_run):
     assert 0 < min(per_chip) < max(per_chip) < 1
 
 
-def test_rerun_writes_nothing_and_extension_appends_without_touching_full_shards(demo_run, stac_api, client):
+def test_rerun_writes_nothing_and_extension_appends_without_touching_full_shards(demo_run, stac_api, client, tmp_path):
     spec, summary, out = demo_run
     again = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
     assert again.chips_written == 0 and again.chips_present == summary.chips_planned and again.bytes_written == 0
@@ -115,6 +115,19 @@ def test_rerun_writes_nothing_and_extension_appends_without_touching_full_shards
     ds = xr.open_zarr(out / "chips.zarr", group="s2")
     assert ds.sizes["chip"] == n0 + extended.chips_written and bool(ds["written"].all())
     assert len(gpd.read_parquet(out / "index.parquet").query("collection == 's2'")) == ds.sizes["chip"]
+    # the appended chips' metadata (times, strings, transforms) and pixels are what a clean run of the wider AOI holds
+    clean = tmp_path / "clean"
+    run_pipeline(
+        make_spec(clean, source__aoi=wider.source.aoi.model_dump()), client=client, catalog_url=stac_api, say=_quiet
+    )
+    for group in ("s2", "s1"):
+        a = xr.open_zarr(out / "chips.zarr", group=group)
+        b = xr.open_zarr(clean / "chips.zarr", group=group)
+        a, b = a.isel(chip=np.argsort(a["chip"].values)), b.isel(chip=np.argsort(b["chip"].values))
+        assert a.identical(b.assign_attrs(a.attrs)), group
+        assert {k: a[k].encoding.get("units") for k in a.variables} == {
+            k: b[k].encoding.get("units") for k in b.variables
+        }
 
 
 def test_odc_stac_and_stackstac_give_the_same_pixels(stac_api, client, tmp_path):

@@ -557,7 +557,9 @@ class LocalStacServer:
 
         Settings go on the command line rather than into postgresql.conf because the port changes on
         every start. Without ``-l``, pg_ctl hands the server our log file descriptor, which also
-        works when the server runs as another user that could not open the file itself.
+        works when the server runs as another user that could not open the file itself. JIT is off:
+        pgstac's search functions look expensive to the planner, and compiling them cost more than
+        running them (a search of 8 items: 40 ms with JIT, 23 ms without).
         """
         assert self._bindir is not None
         self._pg_port = _free_port()
@@ -573,6 +575,8 @@ class LocalStacServer:
             str(self._pg_port),
             "-c",
             f"unix_socket_directories={socket_dir}",
+            "-c",
+            "jit=off",
         ]
         logfile = self._logs_dir / "postgres.log"
         _rotate(logfile)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -382,17 +383,24 @@ def _execute(
 _RECORD_EVERY_S = 2.0
 
 
-def _manifest(
-    spec: PipelineSpec, summary: RunSummary, items: dict[str, list[Any]], layouts: dict[str, CollectionLayout]
-) -> dict[str, Any]:
+@functools.cache
+def _dependency_versions() -> dict[str, str | None]:
+    """Versions of the packages a run depends on; looked up once per process (a scheduled refresh runs many)."""
     from importlib.metadata import version
 
-    deps = {}
+    deps: dict[str, str | None] = {}
     for name in ("dask", "distributed", "xarray", "zarr", "odc-stac", "stackstac", "rasterio", "pystac-client"):
         try:
             deps[name] = version(name)
         except Exception:
             deps[name] = None
+    return deps
+
+
+def _manifest(
+    spec: PipelineSpec, summary: RunSummary, items: dict[str, list[Any]], layouts: dict[str, CollectionLayout]
+) -> dict[str, Any]:
+    deps = dict(_dependency_versions())
     stamps = [
         str(it.properties.get("updated") or it.properties.get("datetime")) for its in items.values() for it in its
     ]

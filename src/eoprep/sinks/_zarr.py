@@ -21,6 +21,7 @@ writes each object through a temporary file and a rename, so a shard is replaced
 
 from __future__ import annotations
 
+import asyncio
 import json
 import warnings
 from collections.abc import Sequence
@@ -165,16 +166,58 @@ class ChipStore:
                 )
             else:
                 ds = ds.drop_vars(["band", "scale", "offset"])
-                ds.to_zarr(
-                    self.url,
-                    group=key,
-                    mode="a",
-                    append_dim="chip",
-                    compute=False,
-                    consolidated=False,
-                    safe_chunks=False,
-                )
+                if not self._append(key, ds, n0):
+                    ds.to_zarr(
+                        self.url,
+                        group=key,
+                        mode="a",
+                        append_dim="chip",
+                        compute=False,
+                        consolidated=False,
+                        safe_chunks=False,
+                    )
         return range(n0, n0 + len(plans))
+
+    def _append(self, key: str, ds: xr.Dataset, n0: int) -> bool:
+        """Append ``ds`` along ``chip`` to the group's arrays in one pass of concurrent zarr calls.
+
+        xarray's append opens, resizes and writes every array in its own round trip to zarr's event
+        loop (about 70 of them, 0.15 s, for 20 chips), which made appending cost a quarter of a
+        one-date refresh. Values are encoded the way the arrays already hold them; False (nothing
+        changed) when one is stored in a way this does not encode, and xarray appends instead.
+        """
+        from zarr.api.asynchronous import open_group
+        from zarr.core.sync import sync
+
+        n = ds.sizes["chip"]
+
+        async def append() -> bool:
+            group = await open_group(self.url, path=key, mode="r+", zarr_format=3)
+            names = list(ds.variables)
+            try:
+                arrays = await asyncio.gather(*(group.getitem(name) for name in names))
+            except KeyError:
+                return False  # a variable the store lacks: xarray's append names it
+            if any(not isinstance(arr, zarr.AsyncArray) or arr.shape[0] != n0 for arr in arrays):
+                return False
+            values = {
+                name: _encoded(ds[name], arr.attrs)
+                for name, arr in zip(names, arrays, strict=True)
+                if name != "pixels"  # metadata only: the new chips' pixels are written by the tasks
+            }
+            if any(v is None for v in values.values()):
+                return False
+            await asyncio.gather(*(arr.resize((n0 + n, *arr.shape[1:])) for arr in arrays))
+            await asyncio.gather(
+                *(
+                    arr.setitem(slice(n0, n0 + n), values[name])
+                    for name, arr in zip(names, arrays, strict=True)
+                    if name in values
+                )
+            )
+            return True
+
+        return sync(append())
 
     def write_slice(self, key: str, positions: Sequence[int], chips: Sequence[np.ndarray]) -> int:
         """Write chips of one group that share a shard; called on workers, one shard at a time.
@@ -304,6 +347,35 @@ def _record_shifts(group: zarr.Group, key: str, positions: dict[str, int], resul
                     column[positions[res.id], t] = value
     for arr, column in zip(arrays, values, strict=True):
         arr[:] = column
+
+
+_TIME_UNITS = {
+    "days": 86_400_000_000,
+    "hours": 3_600_000_000,
+    "minutes": 60_000_000,
+    "seconds": 1_000_000,
+    "milliseconds": 1_000,
+    "microseconds": 1,
+}
+
+
+def _encoded(var: xr.DataArray, attrs: dict[str, Any]) -> np.ndarray | None:
+    """``var``'s values as an existing array written by xarray stores them, or None for an encoding not handled.
+
+    Times: integers of ``<unit> since 1970-01-01`` (the units xarray picked when the array was created)
+    with NaT as the ``_FillValue``; everything else is stored as is.
+    """
+    values = var.values
+    if values.dtype.kind != "M":
+        return values
+    unit, _, epoch = str(attrs.get("units", "")).partition(" since ")
+    fill = attrs.get("_FillValue")
+    if unit not in _TIME_UNITS or epoch.strip() not in ("1970-01-01", "1970-01-01T00:00:00") or fill is None:
+        return None
+    micros = values.astype("datetime64[us]").view(np.int64)
+    if (micros[~np.isnat(values)] % _TIME_UNITS[unit]).any():
+        return None  # not a whole number of the stored unit: xarray would pick other units
+    return np.where(np.isnat(values), np.int64(fill), micros // _TIME_UNITS[unit])
 
 
 def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:

@@ -1,0 +1,132 @@
+"""odc-stac's reader driver, with local files kept open in each worker thread for reads that need no warp.
+
+odc-stac's rasterio reader opens a file for every read and closes it afterwards. Closing drops GDAL's
+cache of decoded blocks, so the next chip row decodes the same COG tiles again, and each open costs
+about a millisecond of header parsing. `_read_odc` only asks odc-stac for grids that line up with the
+source pixels (the chip grid, or a band's own coarser grid), where a read is a window copy: this
+driver copies such windows from a cached handle. Everything else (reprojection, remote files,
+subdatasets) goes to odc-stac's own reader, unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import rasterio
+from odc.loader import (
+    RasterLoadParams,
+    RasterSource,
+    RioDriver,
+    RioReader,
+    resolve_dst_dtype,
+    resolve_dst_nodata,
+    resolve_src_nodata,
+)
+from rasterio.windows import Window
+
+__all__ = ["CachedRioDriver"]
+
+#: Open files per thread; GDAL's block cache (``GDAL_CACHEMAX``) bounds the memory, not this.
+MAX_HANDLES = 256
+
+_local = threading.local()
+
+
+class CachedRioDriver(RioDriver):
+    """odc-stac's `RioDriver` whose readers paste aligned windows from handles kept open per thread."""
+
+    def open(self, src: RasterSource, ctx: Any) -> RioReader:
+        return _CachedRioReader(src, ctx)
+
+
+class _CachedRioReader(RioReader):
+    def __init__(self, src: RasterSource, ctx: Any) -> None:
+        super().__init__(src, ctx)
+        self._source = src
+
+    def read(
+        self,
+        cfg: RasterLoadParams,
+        dst_geobox: Any,
+        *,
+        dst: np.ndarray | None = None,
+        selection: Any = None,
+    ) -> tuple[tuple[slice, slice], np.ndarray]:
+        src = self._source
+        opened = _handle(src.uri) if selection is None and src.subdataset is None else None
+        rois = _aligned_rois(*opened, dst_geobox) if opened is not None else None
+        if rois is None:
+            return super().read(cfg, dst_geobox, dst=dst, selection=selection)
+        handle = opened[0]
+        (src_rows, src_cols), roi = rois
+        shape = (roi[0].stop - roi[0].start, roi[1].stop - roi[1].start)
+        out = dst[roi] if dst is not None else np.empty(shape, resolve_dst_dtype(handle.dtypes[src.band - 1], cfg))
+        window = Window(src_cols.start, src_rows.start, shape[1], shape[0])
+        handle.read(src.band, out=out, window=window)
+        src_nodata = resolve_src_nodata(handle.nodatavals[src.band - 1], cfg)
+        dst_nodata = resolve_dst_nodata(out.dtype, cfg, src_nodata)
+        if dst_nodata is not None and src_nodata is not None and not _same(src_nodata, dst_nodata):
+            np.copyto(out, dst_nodata, where=_is(out, src_nodata))
+        return roi, out
+
+
+def _handle(uri: str) -> tuple[Any, int | None] | None:
+    """An open dataset and its EPSG code for a local file, reopened when the file changed on disk; None for
+    anything else."""
+    path = uri.removeprefix("file://")
+    if "://" in path or path.startswith("/vsi"):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # odc-stac's reader raises its own error, naming the file
+    handles: OrderedDict[str, tuple[tuple[int, int], Any, int | None]] = _local.__dict__.setdefault(
+        "handles", OrderedDict()
+    )
+    key, found = (stat.st_mtime_ns, stat.st_size), handles.get(path)
+    if found is not None and found[0] == key:
+        handles.move_to_end(path)
+        return found[1], found[2]
+    if found is not None:
+        found[1].close()
+    handle = rasterio.open(path)
+    epsg = handle.crs.to_epsg() if handle.crs is not None else None
+    handles[path] = (key, handle, epsg)
+    while len(handles) > MAX_HANDLES:
+        handles.popitem(last=False)[1][1].close()
+    return handle, epsg
+
+
+def _aligned_rois(
+    handle: Any, epsg: int | None, dst_geobox: Any
+) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """(source rows and columns, destination rows and columns) when the destination grid is the file's grid
+    shifted by whole pixels and overlaps it; None when the read needs a warp or reads nothing."""
+    if epsg is None or dst_geobox.crs is None or dst_geobox.crs.epsg != epsg:
+        return None
+    s, d = handle.transform, dst_geobox.transform
+    if s.b or s.d or d.b or d.d or not math.isclose(s.a, d.a, rel_tol=1e-9) or not math.isclose(s.e, d.e, rel_tol=1e-9):
+        return None
+    col, row = (d.c - s.c) / s.a, (d.f - s.f) / s.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    col, row = round(col), round(row)
+    height, width = dst_geobox.shape
+    rows = slice(max(row, 0), min(row + height, handle.height))
+    cols = slice(max(col, 0), min(col + width, handle.width))
+    if rows.start >= rows.stop or cols.start >= cols.stop:
+        return None
+    return (rows, cols), (slice(rows.start - row, rows.stop - row), slice(cols.start - col, cols.stop - col))
+
+
+def _same(a: float, b: float) -> bool:
+    return bool(a == b or (math.isnan(a) and math.isnan(b)))
+
+
+def _is(values: np.ndarray, nodata: float) -> np.ndarray:
+    return np.isnan(values) if math.isnan(nodata) else values == nodata

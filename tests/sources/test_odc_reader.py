@@ -1,0 +1,83 @@
+"""Our odc-stac reader driver gives exactly what odc-stac's own driver gives, from handles it keeps open."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+from pyproj import Transformer
+
+from eoprep.grid import GlobalGrid
+from eoprep.sources import ChipGrid
+from eoprep.sources._odc_reader import CachedRioDriver, _handle, _local
+
+odc_stac = pytest.importorskip("odc.stac")
+pystac = pytest.importorskip("pystac")
+
+
+def _load(items, bands, geobox, dtype, driver=None):
+    ds = odc_stac.load(
+        [pystac.Item.from_dict(i) for i in items],
+        bands=bands,
+        geobox=geobox,
+        chunks=None,
+        groupby="id",
+        resampling="nearest",
+        dtype=dtype,
+        preserve_original_order=True,
+        driver=driver,
+    )
+    return np.stack([ds[b].values for b in bands], axis=1)
+
+
+@pytest.mark.parametrize(
+    ("collection", "bands", "dtype"),
+    [
+        ("demo-sentinel-2-l2a", ["B02", "SCL"], "uint16"),
+        ("demo-sentinel-2-l2a", ["B04"], "float32"),  # nodata 0 becomes NaN, as odc-stac does it
+        ("demo-sentinel-1-rtc", ["vv", "vh"], "float32"),
+    ],
+)
+def test_cached_driver_matches_odc_stac_on_aligned_grids_and_scene_edges(demo_archive, collection, bands, dtype):
+    items = [i for i in demo_archive.items if i["collection"] == collection][:3]
+    grid = GlobalGrid(cell_size=1280, pixel_size=10)
+    cells = grid.cells_in_bbox((8.95, 45.37, 9.11, 45.48))
+    _local.__dict__.pop("handles", None)
+    partial = False
+    for cell in cells[:: max(1, len(cells) // 10)]:
+        geobox = ChipGrid(cell.crs, cell.x0, cell.y0, cell.size, cell.pixel_size).geobox()
+        want = _load(items, bands, geobox, dtype)
+        got = _load(items, bands, geobox, dtype, driver=CachedRioDriver())
+        np.testing.assert_array_equal(got, want, err_msg=cell.id)
+        empty = np.isnan(want) | (want == 0)
+        partial |= bool(empty.any() and not empty.all())
+    assert partial, "no chip crossed a scene edge"
+    kept = {path for path in _local.handles}
+    assert {i["assets"][b]["href"].removeprefix("file://") for i in items for b in bands} <= kept, (
+        "reads bypassed the cache"
+    )
+
+
+def test_grids_that_need_a_warp_go_to_odc_stac(demo_archive):
+    items = [i for i in demo_archive.items if i["collection"] == "demo-sentinel-2-l2a"][:2]
+    x, y = Transformer.from_crs(4326, 32631, always_xy=True).transform(9.03, 45.43)
+    geobox = ChipGrid("EPSG:32631", round(x / 10) * 10, round(y / 10) * 10, 64, 10.0).geobox()
+    want = _load(items, ["B04"], geobox, "uint16")
+    assert (want > 0).all()
+    np.testing.assert_array_equal(_load(items, ["B04"], geobox, "uint16", driver=CachedRioDriver()), want)
+
+
+def test_a_file_rewritten_in_place_is_read_again(demo_archive, tmp_path):
+    item = next(i for i in demo_archive.items if i["collection"] == "demo-sentinel-2-l2a")
+    path = tmp_path / "B04.tif"
+    shutil.copy(item["assets"]["B04"]["href"].removeprefix("file://"), path)
+    first, _ = _handle(f"file://{path}")
+    assert _handle(str(path))[0] is first, "the handle is not kept"
+    with rasterio.open(path, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:
+        dst.write(np.full((dst.height, dst.width), 7, dtype=dst.dtypes[0]), 1)
+    again, _ = _handle(str(path))
+    assert again is not first and first.closed
+    window = rasterio.windows.Window(0, 0, 4, 4)
+    assert (again.read(1, window=window) == 7).all()
