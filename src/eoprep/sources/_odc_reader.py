@@ -29,6 +29,8 @@ from odc.loader import (
 )
 from rasterio.windows import Window
 
+from eoprep.sources._loaders import _same, is_nodata
+
 __all__ = ["CachedRioDriver"]
 
 #: Open files per thread; GDAL's block cache (``GDAL_CACHEMAX``) bounds the memory, not this.
@@ -71,7 +73,7 @@ class _CachedRioReader(RioReader):
         src_nodata = resolve_src_nodata(handle.nodatavals[src.band - 1], cfg)
         dst_nodata = resolve_dst_nodata(out.dtype, cfg, src_nodata)
         if dst_nodata is not None and src_nodata is not None and not _same(src_nodata, dst_nodata):
-            np.copyto(out, dst_nodata, where=_is(out, src_nodata))
+            np.copyto(out, dst_nodata, where=is_nodata(out, src_nodata))
         return roi, out
 
 
@@ -122,11 +124,3 @@ def _aligned_rois(
     if rows.start >= rows.stop or cols.start >= cols.stop:
         return None
     return (rows, cols), (slice(rows.start - row, rows.stop - row), slice(cols.start - col, cols.stop - col))
-
-
-def _same(a: float, b: float) -> bool:
-    return bool(a == b or (math.isnan(a) and math.isnan(b)))
-
-
-def _is(values: np.ndarray, nodata: float) -> np.ndarray:
-    return np.isnan(values) if math.isnan(nodata) else values == nodata
