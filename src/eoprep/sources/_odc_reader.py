@@ -29,7 +29,7 @@ from odc.loader import (
 )
 from rasterio.windows import Window
 
-from eoprep.sources._loaders import _same, is_nodata
+from eoprep.sources._loaders import ChipGrid, _grid_steps, _same, is_nodata
 
 __all__ = ["CachedRioDriver"]
 
@@ -109,16 +109,15 @@ def _aligned_rois(
 ) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
     """(source rows and columns, destination rows and columns) when the destination grid is the file's grid
     shifted by whole pixels and overlaps it; None when the read needs a warp or reads nothing."""
-    if epsg is None or dst_geobox.crs is None or dst_geobox.crs.epsg != epsg:
+    d = dst_geobox.transform
+    if epsg is None or dst_geobox.crs is None or d.b or d.d or not math.isclose(d.e, -d.a, rel_tol=1e-9):
         return None
-    s, d = handle.transform, dst_geobox.transform
-    if s.b or s.d or d.b or d.d or not math.isclose(s.a, d.a, rel_tol=1e-9) or not math.isclose(s.e, d.e, rel_tol=1e-9):
-        return None
-    col, row = (d.c - s.c) / s.a, (d.f - s.f) / s.e
-    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
-        return None
-    col, row = round(col), round(row)
     height, width = dst_geobox.shape
+    grid = ChipGrid(f"EPSG:{dst_geobox.crs.epsg}", d.c, d.f, width, d.a, height=height)
+    steps = _grid_steps(tuple(handle.transform)[:6], f"EPSG:{epsg}", grid)
+    if steps is None or steps[0] != 1:
+        return None
+    _, col, row = steps
     rows = slice(max(row, 0), min(row + height, handle.height))
     cols = slice(max(col, 0), min(col + width, handle.width))
     if rows.start >= rows.stop or cols.start >= cols.stop:
