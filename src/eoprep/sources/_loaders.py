@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pystac
 
 __all__ = ["ChipGrid", "is_nodata", "read_items"]
 
@@ -84,18 +83,15 @@ def _read_odc(
     nodata: float,
     resampling: str | dict[str, str],
 ) -> np.ndarray:
-    """odc-stac loads: bands on the chip grid, except bands whose source pixels nest in it.
+    """odc-stac reads: bands on the chip grid, except bands whose source pixels nest in it.
 
     A nearest-neighbour band whose source grid is the chip grid coarsened by an integer factor (a
-    20 m band under 10 m chips) is loaded on that source grid and its pixels are replicated: the
+    20 m band under 10 m chips) is read on that source grid and its pixels are replicated: the
     same pixels as odc-stac's warp onto the chip grid, without GDAL's warper, which costs odc-stac
     more than reading the band.
     """
-    import odc.stac
+    from eoprep.sources._odc_reader import load_odc
 
-    from eoprep.sources._odc_reader import CachedRioDriver
-
-    stac_items = [pystac.Item.from_dict(item) for item in items]
     nested = _nested_bands(items, bands, grid, resampling)
     loads: dict[tuple[int, int, int], list[str]] = {(1, 0, 0): [b for b in bands if b not in nested]}
     for band, nest in nested.items():
@@ -104,25 +100,19 @@ def _read_odc(
     for (ratio, dy, dx), group in loads.items():
         if not group:
             continue
-        ds = odc.stac.load(
-            stac_items,
-            bands=group,
-            geobox=grid.geobox() if ratio == 1 else _coarse_geobox(grid, ratio, dy, dx),
-            chunks=None,
-            groupby="id",
-            resampling={b: resampling.get(b, "nearest") for b in group} if isinstance(resampling, dict) else resampling,
-            dtype=dtype.name,
-            fail_on_error=True,
-            preserve_original_order=True,
-            driver=CachedRioDriver(),
-        )
-        for band in group:
-            values = _fill_nodata(ds[band].values.astype(dtype, copy=False), ds[band].attrs.get("nodata"), nodata)
-            if values.shape[0] != len(stac_items):
-                raise RuntimeError(f"odc-stac returned {values.shape[0]} scenes for {len(stac_items)} items")
-            if ratio > 1:
-                values = _replicate(values, ratio, dy, dx, grid.shape)
-            out[:, bands.index(band)] = values
+        geobox = grid.geobox() if ratio == 1 else _coarse_geobox(grid, ratio, dy, dx)
+        if ratio == 1:
+            coarse = None
+            band_nodata = load_odc(items, group, geobox, resampling, out, [bands.index(b) for b in group])
+        else:
+            coarse = np.empty((len(items), len(group), *geobox.shape.yx), dtype=dtype)
+            band_nodata = load_odc(items, group, geobox, resampling, coarse, list(range(len(group))))
+        for j, band in enumerate(group):
+            k = bands.index(band)
+            if coarse is None:
+                _fill_nodata(out[:, k], band_nodata[band], nodata)
+            else:
+                _replicate_into(out[:, k], _fill_nodata(coarse[:, j], band_nodata[band], nodata), ratio, dy, dx)
     return out
 
 
@@ -181,11 +171,15 @@ def _coarse_geobox(grid: ChipGrid, ratio: int, dy: int, dx: int) -> Any:
     return GeoBox((-(-(rows + dy) // ratio), -(-(cols + dx) // ratio)), transform, grid.crs)
 
 
-def _replicate(values: np.ndarray, ratio: int, dy: int, dx: int, shape: tuple[int, int]) -> np.ndarray:
-    """Source pixels (scene, y, x) repeated ``ratio`` times each way, cut to the chip grid."""
-    n, h, w = values.shape
-    fine = np.broadcast_to(values[:, :, None, :, None], (n, h, ratio, w, ratio)).reshape(n, h * ratio, w * ratio)
-    return fine[:, dy : dy + shape[0], dx : dx + shape[1]]
+def _replicate_into(dst: np.ndarray, values: np.ndarray, ratio: int, dy: int, dx: int) -> None:
+    """Fill ``dst`` (scene, y, x) with source pixels ``values`` repeated ``ratio`` times each way, the chip's
+    first pixel being pixel (dy, dx) of the first source pixel: one strided copy per position in a source pixel."""
+    rows, cols = dst.shape[-2:]
+    for a in range(ratio):
+        y0, ny = (a + dy) // ratio, len(range(a, rows, ratio))
+        for b in range(ratio):
+            x0, nx = (b + dx) // ratio, len(range(b, cols, ratio))
+            dst[:, a::ratio, b::ratio] = values[:, y0 : y0 + ny, x0 : x0 + nx]
 
 
 def _fill_nodata(values: np.ndarray, band_nodata: float | None, nodata: float) -> np.ndarray:
