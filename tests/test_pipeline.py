@@ -218,3 +218,18 @@ def test_demo_sensors_carry_their_known_shift(demo_archive):
     shifts = {i["collection"]: tuple(i["properties"]["eoprep:true_shift"]) for i in demo_archive.items}
     assert shifts["demo-sentinel-1-rtc"] == SENSOR_SHIFTS["sentinel-1"] != (0.0, 0.0)
     assert Path(demo_archive.items[0]["assets"]["B02"]["href"].removeprefix("file://")).exists()
+
+
+def test_neighbouring_shards_run_on_the_same_worker(stac_api, client, tmp_path):
+    from distributed import get_task_stream
+
+    spec = make_spec(tmp_path / "out", output={"path": str(tmp_path / "out"), "chips_per_shard": 1})
+    with get_task_stream(client) as stream:
+        summary = run_pipeline(spec, client=client, catalog_url=stac_api, say=_quiet)
+    shards = sorted(
+        (int(t["key"].split("-")[2]), t["worker"]) for t in stream.data if str(t["key"]).startswith("eoprep-shard-")
+    )
+    assert len(shards) == summary.chips_written >= 6
+    assert len({worker for _, worker in shards}) == 2, "one worker did all the work"
+    same = sum(a[1] == b[1] for a, b in zip(shards, shards[1:], strict=False))
+    assert same >= len(shards) - 3, f"neighbouring shards scattered over workers: {shards}"

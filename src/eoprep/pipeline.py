@@ -332,6 +332,7 @@ def _execute(
         row_reads=spec.time.mode == "scenes" and spec.source.kind != "earthengine",
     )
     total = sum(len(s.plans) for s in slices)
+    homes = _home_workers(client, len(slices))
     futures = [
         client.submit(
             process_shard,
@@ -342,8 +343,10 @@ def _execute(
             key=f"eoprep-shard-{s.positions[0]}-{uuid4().hex}",
             pure=False,
             retries=1,
+            workers=home,
+            allow_other_workers=home is not None,
         )
-        for s in slices
+        for s, home in zip(slices, homes, strict=True)
     ]
     where = {plan.id: pos for s in slices for pos, plan in zip(s.positions, s.plans, strict=True)}
     results: list[ChipResult] = []
@@ -381,6 +384,19 @@ def _execute(
 
 
 _RECORD_EVERY_S = 2.0
+
+
+def _home_workers(client: Client, n: int) -> list[list[str] | None]:
+    """A preferred worker per shard: consecutive shards (neighbouring chips) on the same worker.
+
+    Neighbouring chips share the COG tiles along their edges; on one worker the second chip finds
+    them decoded in GDAL's block cache. Dealt round-robin, every shard's neighbours went to other
+    workers and each tile was decoded about twice. A preference only: idle workers still take work.
+    """
+    workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+    if len(workers) < 2:
+        return [None] * n
+    return [[workers[i * len(workers) // n]] for i in range(n)]
 
 
 @functools.cache
