@@ -332,7 +332,7 @@ def _execute(
         row_reads=spec.time.mode == "scenes" and spec.source.kind != "earthengine",
     )
     total = sum(len(s.plans) for s in slices)
-    homes = _home_workers(client, len(slices))
+    homes = _home_workers(client, [len(s.plans) for s in slices])
     futures = [
         client.submit(
             process_shard,
@@ -386,17 +386,23 @@ def _execute(
 _RECORD_EVERY_S = 2.0
 
 
-def _home_workers(client: Client, n: int) -> list[list[str] | None]:
-    """A preferred worker per shard: consecutive shards (neighbouring chips) on the same worker.
+def _home_workers(client: Client, sizes: Sequence[int]) -> list[list[str] | None]:
+    """A preferred worker per shard (of ``sizes`` chips): runs of consecutive shards, about as many
+    chips per worker.
 
     Neighbouring chips share the COG tiles along their edges; on one worker the second chip finds
     them decoded in GDAL's block cache. Dealt round-robin, every shard's neighbours went to other
     workers and each tile was decoded about twice. A preference only: idle workers still take work.
     """
     workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
-    if len(workers) < 2:
-        return [None] * n
-    return [[workers[i * len(workers) // n]] for i in range(n)]
+    total = sum(sizes)
+    if len(workers) < 2 or not total:
+        return [None] * len(sizes)
+    homes, before = [], 0
+    for size in sizes:
+        homes.append([workers[min(int((before + size / 2) * len(workers) / total), len(workers) - 1)]])
+        before += size
+    return homes
 
 
 @functools.cache
