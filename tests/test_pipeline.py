@@ -87,6 +87,23 @@ def test_index_and_stac_describe_the_written_chips(demo_run):
     assert manifest["spec_hash"] == spec.spec_hash() and manifest["summary"]["chips_written"] == summary.chips_written
 
 
+def test_index_columns_read_in_one_pass_equal_what_xarray_decodes(demo_run):
+    from eoprep.sinks import ChipStore
+    from eoprep.sinks._index import _COLUMNS, _xarray_columns
+
+    _, _, out = demo_run
+    url = str(out / "chips.zarr")
+    padded = False
+    for key in ("s1", "s2"):
+        fast, slow = ChipStore(url).columns(key, _COLUMNS), _xarray_columns(url, key)
+        assert fast is not None, "the one-pass read gave up on arrays the pipeline wrote"
+        padded |= bool(np.isnat(slow["datetime"]).any())
+        for name in _COLUMNS:
+            np.testing.assert_array_equal(fast[name], slow[name], err_msg=f"{key}/{name}")
+            assert fast[name].dtype.kind == slow[name].dtype.kind, name
+    assert padded, "no padded (NaT) time slot: the fill value's decoding was not exercised"
+
+
 def test_cloud_fraction_follows_scl(demo_run):
     _, _, out = demo_run
     ds = xr.open_zarr(out / "chips.zarr", group="s2")

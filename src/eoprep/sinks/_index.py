@@ -56,44 +56,58 @@ def _json_if_changed(path: Path, doc: Any) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def _texts(var: xr.DataArray) -> list[str]:
-    return [str(v) for v in var.values]
+def _texts(values: np.ndarray) -> list[str]:
+    return [str(v) for v in values]
 
 
 def _as_utc(values: np.ndarray) -> pd.DatetimeIndex:
     return pd.DatetimeIndex(values).tz_localize("UTC")
 
 
+_COLUMNS = (
+    "chip", "written", "cell", "crs", "window_start", "window_end", "datetime",
+    "valid_fraction", "cloud_fraction", "item_ids", "footprint",
+)  # fmt: skip
+
+
 def chip_table(store_url: str) -> gpd.GeoDataFrame:
     """One row per written chip and collection, read from the store's coordinates."""
+    from eoprep.sinks._zarr import ChipStore
+
     root = zarr.open_group(store_url, mode="r", zarr_format=3)
     frames = []
     for key in sorted(root.group_keys()):
-        ds = xr.open_zarr(store_url, group=key, zarr_format=3, consolidated=False, chunks=None).drop_vars("pixels")
-        ds = ds.isel(chip=np.flatnonzero(ds["written"].values)).load()
-        if ds.sizes["chip"] == 0:
+        columns = ChipStore(store_url).columns(key, _COLUMNS) or _xarray_columns(store_url, key)
+        index = np.flatnonzero(columns["written"])
+        if not len(index):
             continue
+        col = {name: values[index] for name, values in columns.items()}
         frame = pd.DataFrame(
             {
-                "id": _texts(ds["chip"]),
+                "id": _texts(col["chip"]),
                 "collection": key,
                 "stac_collection": str(root[f"{key}/pixels"].attrs.get("collection", key)),
-                "index": np.flatnonzero(root[f"{key}/written"][:]),
-                "cell": _texts(ds["cell"]),
-                "crs": _texts(ds["crs"]),
-                "start_datetime": _as_utc(ds["window_start"].values),
-                "end_datetime": _as_utc(ds["window_end"].values),
-                "n_scenes": (~np.isnat(ds["datetime"].values)).sum(axis=1).astype("int32"),
-                "valid_fraction": ds["valid_fraction"].values,
-                "cloud_fraction": ds["cloud_fraction"].values,
-                "item_ids": _texts(ds["item_ids"]),
+                "index": index,
+                "cell": _texts(col["cell"]),
+                "crs": _texts(col["crs"]),
+                "start_datetime": _as_utc(col["window_start"]),
+                "end_datetime": _as_utc(col["window_end"]),
+                "n_scenes": (~np.isnat(col["datetime"])).sum(axis=1).astype("int32"),
+                "valid_fraction": col["valid_fraction"],
+                "cloud_fraction": col["cloud_fraction"],
+                "item_ids": _texts(col["item_ids"]),
             }
         )
-        frame["geometry"] = shapely.from_wkt(_texts(ds["footprint"]))
+        frame["geometry"] = shapely.from_wkt(_texts(col["footprint"]))
         frames.append(frame)
     if not frames:
         return gpd.GeoDataFrame({"id": [], "geometry": []}, geometry="geometry", crs="EPSG:4326")
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs="EPSG:4326")
+
+
+def _xarray_columns(store_url: str, key: str) -> dict[str, np.ndarray]:
+    ds = xr.open_zarr(store_url, group=key, zarr_format=3, consolidated=False, chunks=None)
+    return {name: ds[name].values for name in _COLUMNS}
 
 
 def write_index(out_dir: Path, store_url: str) -> gpd.GeoDataFrame:

@@ -244,6 +244,24 @@ class ChipStore:
 
         return sync(append())
 
+    def columns(self, key: str, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """Whole per-chip arrays of a group, times decoded, read in one pass of concurrent zarr calls.
+
+        ``xr.open_zarr`` opens every array of the group one round trip at a time, which cost the chip
+        index 0.1 s of a refresh; None when a time array is stored in a way `_decoded` does not undo.
+        """
+        from zarr.api.asynchronous import open_group
+        from zarr.core.sync import sync
+
+        async def read() -> list[tuple[np.ndarray, dict[str, Any]]]:
+            group = await open_group(self.url, path=key, mode="r", zarr_format=3, use_consolidated=False)
+            arrays = await asyncio.gather(*(group.getitem(name) for name in names))
+            values = await asyncio.gather(*(arr.getitem(slice(None)) for arr in arrays))
+            return [(np.asarray(v), dict(arr.attrs)) for v, arr in zip(values, arrays, strict=True)]
+
+        out = {name: _decoded(values, attrs) for name, (values, attrs) in zip(names, sync(read()), strict=True)}
+        return None if any(v is None for v in out.values()) else out  # type: ignore[return-value]
+
     def write_slice(self, key: str, positions: Sequence[int], chips: Sequence[np.ndarray]) -> int:
         """Write chips of one group that share a shard; called on workers, one shard at a time.
 
@@ -385,6 +403,19 @@ def _encoded(var: xr.DataArray, attrs: dict[str, Any]) -> np.ndarray | None:
     if (micros[~np.isnat(values)] % _TIME_UNITS[unit]).any():
         return None  # not a whole number of the stored unit: xarray would pick other units
     return np.where(np.isnat(values), np.int64(fill), micros // _TIME_UNITS[unit])
+
+
+def _decoded(values: np.ndarray, attrs: dict[str, Any]) -> np.ndarray | None:
+    """Stored values as xarray decodes them: the inverse of `_encoded` (None for a time encoding it does not undo)."""
+    if "units" not in attrs or " since " not in str(attrs["units"]):
+        return values
+    unit, _, epoch = str(attrs["units"]).partition(" since ")
+    fill = attrs.get("_FillValue")
+    if unit not in _TIME_UNITS or epoch.strip() not in ("1970-01-01", "1970-01-01T00:00:00") or fill is None:
+        return None
+    times = (values.astype(np.int64) * _TIME_UNITS[unit]).astype("datetime64[us]").astype("datetime64[ns]")
+    times[values == fill] = np.datetime64("NaT")
+    return times
 
 
 def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:
