@@ -394,7 +394,7 @@ def _home_workers(client: Client, sizes: Sequence[int]) -> list[list[str] | None
     them decoded in GDAL's block cache. Dealt round-robin, every shard's neighbours went to other
     workers and each tile was decoded about twice. A preference only: idle workers still take work.
     """
-    workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+    workers = sorted(client.ncores())
     total = sum(sizes)
     if len(workers) < 2 or not total:
         return [None] * len(sizes)

@@ -192,12 +192,23 @@ def _big_buffer_from_heap(sample):
     return sample
 
 
+def _in_process_sample_from_heap(out: str) -> bool:
+    ds = ChipIterableDataset(out, groups=["s1"], transform=_big_buffer_from_heap)
+    return bool(any(next(iter(DataLoader(ds, batch_size=2, num_workers=0)))["from_heap"]))
+
+
 def test_dataloader_workers_keep_chip_buffers_on_the_heap(chips_out):
     """Workers raise glibc's mmap threshold (above its 32 MB dynamic limit), so freed chip-sized buffers are
-    reused instead of each one being a fresh mapping whose pages fault in again; the main process is left alone."""
+    reused instead of each one being a fresh mapping whose pages fault in again; the main process is left alone.
+
+    The main-process side runs in a fresh process: in a long pytest process the heap may already hold a
+    free block big enough for the buffer, whatever the thresholds."""
+    import multiprocessing
+
     ds = ChipIterableDataset(chips_out, groups=["s1"], transform=_big_buffer_from_heap)
     assert all(v for batch in DataLoader(ds, batch_size=2, num_workers=2) for v in batch["from_heap"])
-    assert not any(next(iter(DataLoader(ds, batch_size=2, num_workers=0)))["from_heap"])
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert not pool.apply(_in_process_sample_from_heap, (str(chips_out),))
 
 
 def test_geographic_split_filters_chips(chips_out):
