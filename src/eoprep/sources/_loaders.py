@@ -100,19 +100,17 @@ def _read_odc(
     for (ratio, dy, dx), group in loads.items():
         if not group:
             continue
-        geobox = grid.geobox() if ratio == 1 else _coarse_geobox(grid, ratio, dy, dx)
         if ratio == 1:
-            coarse = None
-            band_nodata = load_odc(items, group, geobox, resampling, out, [bands.index(b) for b in group])
-        else:
-            coarse = np.empty((len(items), len(group), *geobox.shape.yx), dtype=dtype)
-            band_nodata = load_odc(items, group, geobox, resampling, coarse, list(range(len(group))))
+            band_nodata = load_odc(items, group, grid.geobox(), resampling, out, [bands.index(b) for b in group])
+            for band in group:
+                _fill_nodata(out[:, bands.index(band)], band_nodata[band], nodata)
+            continue
+        geobox = _coarse_geobox(grid, ratio, dy, dx)
+        coarse = np.empty((len(items), len(group), *geobox.shape.yx), dtype=dtype)
+        band_nodata = load_odc(items, group, geobox, resampling, coarse, list(range(len(group))))
         for j, band in enumerate(group):
-            k = bands.index(band)
-            if coarse is None:
-                _fill_nodata(out[:, k], band_nodata[band], nodata)
-            else:
-                _replicate_into(out[:, k], _fill_nodata(coarse[:, j], band_nodata[band], nodata), ratio, dy, dx)
+            values = _fill_nodata(coarse[:, j], band_nodata[band], nodata)
+            _replicate_into(out[:, bands.index(band)], values, ratio, dy, dx)
     return out
 
 
