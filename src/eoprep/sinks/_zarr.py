@@ -48,11 +48,7 @@ _NAT = np.iinfo(np.int64).min
 #: it encodes ~5x and decodes ~3x faster than zstd level 3 for ~25 % more bytes. Chips are written once
 #: on a busy worker and read every training epoch; ``output.codec: {name: zstd}`` trades that speed for size.
 DEFAULT_COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-_TIME_ENCODINGS = {
-    name: {"units": "microseconds since 1970-01-01", "dtype": "int64", "_FillValue": _NAT}
-    for name in ("datetime", "window_start", "window_end")
-}
-PIXEL_DIMS = ("chip", "time", "band", "y", "x")
+_TIME_ENCODING = {"units": "microseconds since 1970-01-01", "dtype": "int64", "_FillValue": _NAT}
 
 
 def _strings(values: Sequence[str]) -> np.ndarray:
@@ -157,51 +153,30 @@ class ChipStore:
         for key, layout in layouts.items():
             ds = _metadata_dataset(plans, layout)
             if n0 == 0:
-                ds.to_zarr(self.url, group=key, mode="w-", zarr_format=3, consolidated=False, encoding=_TIME_ENCODINGS)
-                self._create_pixels(key, layout, plans, spec.output.chips_per_shard, (codecs or {}).get(key), ds)
+                encoding = _encoding(layout, plans[0].grid.size, spec.output.chips_per_shard, (codecs or {}).get(key))
+                ds.to_zarr(
+                    self.url,
+                    group=key,
+                    mode="w-",
+                    compute=False,
+                    zarr_format=3,
+                    consolidated=False,
+                    encoding=encoding,
+                    safe_chunks=False,
+                )
             else:
                 ds = ds.drop_vars(["band", "scale", "offset"])
                 if not self._append(key, ds, n0):
-                    ds.to_zarr(self.url, group=key, mode="a", append_dim="chip", consolidated=False)
-                    pixels = zarr.open_array(self.url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
-                    pixels.resize((n0 + len(plans), *pixels.shape[1:]))
+                    ds.to_zarr(
+                        self.url,
+                        group=key,
+                        mode="a",
+                        append_dim="chip",
+                        compute=False,
+                        consolidated=False,
+                        safe_chunks=False,
+                    )
         return range(n0, n0 + len(plans))
-
-    def _create_pixels(
-        self,
-        key: str,
-        layout: CollectionLayout,
-        plans: Sequence[ChipPlan],
-        per_shard: int,
-        codec: dict[str, Any] | None,
-        ds: xr.Dataset,
-    ) -> None:
-        """The group's pixel array, shaped and encoded but with no chunk written, as xarray would describe it.
-
-        Created through zarr, not as a lazy dask variable of the metadata dataset: that needed
-        ``dask.array``, whose import cost a fresh process 0.2-0.3 s, more than writing the metadata.
-        The ``coordinates`` attribute is what makes xarray open the per-chip arrays as coordinates.
-        """
-        size = plans[0].grid.size
-        inner = (1, layout.n_time, len(layout.bands), size, size)
-        attrs = {
-            "collection": layout.collection,
-            "nodata": layout.nodata,
-            "resampling": json.dumps(layout.resampling),
-            "long_name": f"{layout.collection} pixels on the eoprep chip grid",
-            "coordinates": " ".join(sorted(str(name) for name in ds.coords if name not in ds.dims)),
-        }
-        zarr.open_group(self.url, path=key, mode="r+", zarr_format=3).create_array(  # type: ignore[arg-type]
-            "pixels",
-            shape=(len(plans), *inner[1:]),
-            dtype=np.dtype(layout.dtype),
-            chunks=inner,
-            shards=(per_shard, *inner[1:]),
-            fill_value=np.dtype(layout.dtype).type(layout.nodata),
-            dimension_names=PIXEL_DIMS,
-            attributes=attrs,
-            **(codec if codec is not None else {"compressors": [DEFAULT_COMPRESSOR]}),
-        )
 
     def _append(self, key: str, ds: xr.Dataset, n0: int) -> bool:
         """Append ``ds`` along ``chip`` to the group's arrays in one pass of concurrent zarr calls.
@@ -218,7 +193,7 @@ class ChipStore:
 
         async def append() -> bool:
             group = await open_group(self.url, path=key, mode="r+", zarr_format=3)
-            names = [*ds.variables, "pixels"]
+            names = list(ds.variables)
             try:
                 arrays = await asyncio.gather(*(group.getitem(name) for name in names))
             except KeyError:
@@ -356,6 +331,22 @@ class ChipStore:
             zarr.consolidate_metadata(self.url)
 
 
+def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[str, Any] | None) -> dict[str, Any]:
+    inner = (1, layout.n_time, len(layout.bands), size, size)
+    pixels: dict[str, Any] = {
+        "fill_value": np.dtype(layout.dtype).type(layout.nodata),
+        "chunks": inner,
+        "shards": (per_shard, *inner[1:]),
+    }
+    pixels.update(codec if codec is not None else {"compressors": [DEFAULT_COMPRESSOR]})
+    return {
+        "pixels": pixels,
+        "datetime": dict(_TIME_ENCODING),
+        "window_start": dict(_TIME_ENCODING),
+        "window_end": dict(_TIME_ENCODING),
+    }
+
+
 _SHIFT_ATTRS = {
     "shift_x": {"units": "m", "long_name": "estimated shift of the scene against the reference, east"},
     "shift_y": {"units": "m", "long_name": "estimated shift of the scene against the reference, north"},
@@ -419,7 +410,9 @@ def _decoded(values: np.ndarray, attrs: dict[str, Any]) -> np.ndarray | None:
 
 
 def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:
-    """Coordinates of the planned chips (the pixel array is created on its own, see `ChipStore._create_pixels`)."""
+    """Coordinates of the planned chips, with a lazy (never computed) pixel variable to shape the array."""
+    import dask.array as da
+
     n, size = len(plans), plans[0].grid.size
     times = np.full((n, layout.n_time), np.datetime64("NaT"), dtype="datetime64[ns]")
     for i, plan in enumerate(plans):
@@ -427,7 +420,16 @@ def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr
             if not pd.isna(slot.time):
                 times[i, t] = _naive_utc(slot.time)
     offsets = np.arange(size) + 0.5
+    shape = (n, layout.n_time, len(layout.bands), size, size)
+    pixels = da.zeros(shape, dtype=layout.dtype, chunks=(1, *shape[1:]))
+    attrs = {
+        "collection": layout.collection,
+        "nodata": layout.nodata,
+        "resampling": json.dumps(layout.resampling),
+        "long_name": f"{layout.collection} pixels on the eoprep chip grid",
+    }
     return xr.Dataset(
+        {"pixels": (("chip", "time", "band", "y", "x"), pixels, attrs)},
         coords={
             "chip": ("chip", _strings([p.id for p in plans])),
             "cell": ("chip", _strings([p.cell for p in plans])),
