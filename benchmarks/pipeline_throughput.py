@@ -11,6 +11,7 @@ All numbers come from one run on this machine:
   one-time costs (imports such as ``dask.array``, which xarray loads with its first Variable), as the
   bound's imports are paid before its clock starts, so the first timed row is not the only one to
   carry them;
+* every timed row starts after ``os.sync()``, so no row runs under the writeback of an earlier row's output;
 * memory: peak RSS of the workers during the run (VmHWM, reset once the workers have imported
   everything) next to their idle RSS, for a small AOI and one with 4.4x its chips.
 
