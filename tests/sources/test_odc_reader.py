@@ -17,18 +17,22 @@ odc_stac = pytest.importorskip("odc.stac")
 pystac = pytest.importorskip("pystac")
 
 
-def _load(items, bands, geobox, dtype, driver=None):
-    ds = odc_stac.load(
+def _load_dataset(items, bands, geobox, dtype, driver=None, resampling="nearest"):
+    return odc_stac.load(
         [pystac.Item.from_dict(i) for i in items],
         bands=bands,
         geobox=geobox,
         chunks=None,
         groupby="id",
-        resampling="nearest",
+        resampling=resampling,
         dtype=dtype,
         preserve_original_order=True,
         driver=driver,
     )
+
+
+def _load(items, bands, geobox, dtype, driver=None):
+    ds = _load_dataset(items, bands, geobox, dtype, driver)
     return np.stack([ds[b].values for b in bands], axis=1)
 
 
@@ -102,16 +106,7 @@ def test_chip_reads_match_odc_stac_load_on_scene_edges_and_in_another_utm_zone(
     chips.append(ChipGrid("EPSG:32631", round(x / 10) * 10, round(y / 10) * 10, 64, 10.0))  # a warp
     chips.append(ChipGrid(chips[0].crs, chips[0].x0, chips[0].y0, 128, 10.0, height=64))  # a row of chips
     for chip in chips:
-        ds = odc_stac.load(
-            [pystac.Item.from_dict(i) for i in items],
-            bands=bands,
-            geobox=chip.geobox(),
-            chunks=None,
-            groupby="id",
-            resampling=resampling,
-            dtype=dtype,
-            preserve_original_order=True,
-        )
+        ds = _load_dataset(items, bands, chip.geobox(), dtype, resampling=resampling)
         nodata = float("nan") if dtype == "float32" else 0
         # read_items gives each band's own nodata (odc-stac's ``nodata`` attribute) as the collection's
         want = np.stack([np.where(ds[b].values == ds[b].attrs.get("nodata"), nodata, ds[b].values) for b in bands], 1)
