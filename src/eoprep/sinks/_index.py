@@ -21,6 +21,7 @@ import xarray as xr
 import zarr
 
 from eoprep import __version__
+from eoprep.sinks._zarr import ChipStore
 
 __all__ = ["INDEX_FILE", "STAC_DIR", "atomic_write", "read_index", "write_index", "write_manifest", "write_stac"]
 
@@ -72,8 +73,6 @@ _COLUMNS = (
 
 def chip_table(store_url: str) -> gpd.GeoDataFrame:
     """One row per written chip and collection, read from the store's coordinates."""
-    from eoprep.sinks._zarr import ChipStore
-
     root = zarr.open_group(store_url, mode="r", zarr_format=3)
     frames = []
     for key in sorted(root.group_keys()):
