@@ -11,7 +11,8 @@ from pyproj import Transformer
 
 from eoprep.grid import GlobalGrid
 from eoprep.sources import ChipGrid, read_items
-from eoprep.sources._odc_reader import CachedRioDriver, _handle, _local
+from eoprep.sources._loaders import _handles
+from eoprep.sources._odc_reader import CachedRioDriver, _handle
 
 odc_stac = pytest.importorskip("odc.stac")
 pystac = pytest.importorskip("pystac")
@@ -48,7 +49,7 @@ def test_cached_driver_matches_odc_stac_on_aligned_grids_and_scene_edges(demo_ar
     items = [i for i in demo_archive.items if i["collection"] == collection][:3]
     grid = GlobalGrid(cell_size=1280, pixel_size=10)
     cells = grid.cells_in_bbox((8.95, 45.37, 9.11, 45.48))
-    _local.__dict__.pop("handles", None)
+    _handles.__dict__.pop("cache", None)
     partial = False
     for cell in cells[:: max(1, len(cells) // 10)]:
         geobox = ChipGrid(cell.crs, cell.x0, cell.y0, cell.size, cell.pixel_size).geobox()
@@ -58,7 +59,7 @@ def test_cached_driver_matches_odc_stac_on_aligned_grids_and_scene_edges(demo_ar
         empty = np.isnan(want) | (want == 0)
         partial |= bool(empty.any() and not empty.all())
     assert partial, "no chip crossed a scene edge"
-    kept = {path for path in _local.handles}
+    kept = set(_handles.cache)
     assert {i["assets"][b]["href"].removeprefix("file://") for i in items for b in bands} <= kept, (
         "reads bypassed the cache"
     )

@@ -7,6 +7,7 @@ graphs reach only 0.11–0.20 of the raw read bound, while one coarse task per c
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -248,24 +249,44 @@ def _with_epsg(item: dict[str, Any]) -> dict[str, Any]:
 
 
 _handles = threading.local()
+#: Open files per thread; GDAL's block cache (``GDAL_CACHEMAX``) bounds the memory, not this.
 _MAX_OPEN = 256
 
 
-def _open_cached(href: str) -> Any:
-    """A rasterio dataset per (thread, href), kept open: opening a COG costs more than reading a chip window."""
+def _open_cached(href: str) -> tuple[Any, int | None]:
+    """A rasterio dataset per (thread, file), kept open, and the EPSG code of its CRS.
+
+    Opening a COG costs more than reading a chip window, and closing it drops GDAL's cache of its
+    decoded blocks. A local file is opened again when its modification time or size changed (a file
+    rewritten in place); a remote one is kept as opened.
+    """
     import rasterio
 
-    cache: OrderedDict[str, Any] | None = getattr(_handles, "cache", None)
-    if cache is None:
-        cache = _handles.cache = OrderedDict()
-    src = cache.get(href)
-    if src is None:
-        src = cache[href] = rasterio.open(href)
-        while len(cache) > _MAX_OPEN:
-            cache.popitem(last=False)[1].close()
+    path = href.removeprefix("file://")
+    stamp = None
+    if "://" not in path and not path.startswith("/vsi"):
+        try:
+            stat = os.stat(path)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            pass  # rasterio's open raises its own error, naming the file
     else:
-        cache.move_to_end(href)
-    return src
+        path = href
+    cache: OrderedDict[str, tuple[tuple[int, int] | None, Any, int | None]] = _handles.__dict__.setdefault(
+        "cache", OrderedDict()
+    )
+    found = cache.get(path)
+    if found is not None and found[0] == stamp:
+        cache.move_to_end(path)
+        return found[1], found[2]
+    if found is not None:
+        found[1].close()
+    handle = rasterio.open(path)
+    epsg = handle.crs.to_epsg() if handle.crs is not None else None
+    cache[path] = (stamp, handle, epsg)
+    while len(cache) > _MAX_OPEN:
+        cache.popitem(last=False)[1][1].close()
+    return handle, epsg
 
 
 def _read_rasterio(
@@ -285,7 +306,7 @@ def _read_rasterio(
     for i, item in enumerate(items):
         for k, band in enumerate(bands):
             method = resampling.get(band, "nearest") if isinstance(resampling, dict) else resampling
-            src = _open_cached(item["assets"][band]["href"])
+            src, _ = _open_cached(item["assets"][band]["href"])
             if not _read_aligned(src, grid, method, out[i, k], nodata):
                 _read_warped(src, grid, method, out[i, k], nodata)
     return out

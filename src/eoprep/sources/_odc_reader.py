@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import pickle
 import threading
 from collections import OrderedDict
@@ -28,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import rasterio
 from odc.loader import (
     RasterLoadParams,
     RasterSource,
@@ -40,20 +38,18 @@ from odc.loader import (
     resolve_src_nodata,
 )
 from odc.stac import ParsedItem, parse_items
+from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from eoprep.sources._loaders import ChipGrid, _fill_outside, _grid_steps, _same, is_nodata
+from eoprep.sources._loaders import ChipGrid, _fill_outside, _grid_steps, _open_cached, _same, is_nodata
 
 __all__ = ["CachedRioDriver", "load_odc"]
 
-#: Open files per thread; GDAL's block cache (``GDAL_CACHEMAX``) bounds the memory, not this.
-MAX_HANDLES = 256
 #: Parsed item lists kept per worker process: the rows of a shard, and the shards of a run, share their scenes.
 MAX_PARSED = 64
 #: odc-stac's tile size for loads without Dask: a read never covers more than this many pixels a side.
 TILE = 2048
 
-_local = threading.local()
 _parsed_lock = threading.Lock()
 _parsed: OrderedDict[tuple[bytes, ...], tuple[list[ParsedItem], dict[str, list[Any]]]] = OrderedDict()
 
@@ -174,30 +170,15 @@ class _CachedRioReader(RioReader):
 
 
 def _handle(uri: str) -> tuple[Any, int | None] | None:
-    """An open dataset and its EPSG code for a local file, reopened when the file changed on disk; None for
-    anything else."""
+    """An open dataset and its EPSG code for a local file (the loaders' per-thread cache); None for anything
+    else, and for a file that does not open, whose error odc-stac's own reader then raises."""
     path = uri.removeprefix("file://")
     if "://" in path or path.startswith("/vsi"):
         return None
     try:
-        stat = os.stat(path)
-    except OSError:
-        return None  # odc-stac's reader raises its own error, naming the file
-    handles: OrderedDict[str, tuple[tuple[int, int], Any, int | None]] = _local.__dict__.setdefault(
-        "handles", OrderedDict()
-    )
-    key, found = (stat.st_mtime_ns, stat.st_size), handles.get(path)
-    if found is not None and found[0] == key:
-        handles.move_to_end(path)
-        return found[1], found[2]
-    if found is not None:
-        found[1].close()
-    handle = rasterio.open(path)
-    epsg = handle.crs.to_epsg() if handle.crs is not None else None
-    handles[path] = (key, handle, epsg)
-    while len(handles) > MAX_HANDLES:
-        handles.popitem(last=False)[1][1].close()
-    return handle, epsg
+        return _open_cached(path)
+    except RasterioIOError:
+        return None
 
 
 def _aligned_rois(
