@@ -386,27 +386,37 @@ def _encoded(var: xr.DataArray, attrs: dict[str, Any]) -> np.ndarray | None:
     values = var.values
     if values.dtype.kind != "M":
         return values
-    unit, _, epoch = str(attrs.get("units", "")).partition(" since ")
-    fill = attrs.get("_FillValue")
-    if unit not in _TIME_UNITS or epoch.strip() not in ("1970-01-01", "1970-01-01T00:00:00") or fill is None:
+    encoding = _time_encoding(attrs)
+    if encoding is None:
         return None
+    step, fill = encoding
     micros = values.astype("datetime64[us]").view(np.int64)
-    if (micros[~np.isnat(values)] % _TIME_UNITS[unit]).any():
+    if (micros[~np.isnat(values)] % step).any():
         return None  # not a whole number of the stored unit: xarray would pick other units
-    return np.where(np.isnat(values), np.int64(fill), micros // _TIME_UNITS[unit])
+    return np.where(np.isnat(values), np.int64(fill), micros // step)
 
 
 def _decoded(values: np.ndarray, attrs: dict[str, Any]) -> np.ndarray | None:
     """Stored values as xarray decodes them: the inverse of `_encoded` (None for a time encoding it does not undo)."""
-    if "units" not in attrs or " since " not in str(attrs["units"]):
+    if " since " not in str(attrs.get("units", "")):
         return values
-    unit, _, epoch = str(attrs["units"]).partition(" since ")
+    encoding = _time_encoding(attrs)
+    if encoding is None:
+        return None
+    step, fill = encoding
+    times = (values.astype(np.int64) * step).astype("datetime64[us]").astype("datetime64[ns]")
+    times[values == fill] = np.datetime64("NaT")
+    return times
+
+
+def _time_encoding(attrs: dict[str, Any]) -> tuple[int, int] | None:
+    """(microseconds per stored unit, fill value) of a time array xarray stored as ``<unit> since 1970-01-01``
+    with NaT as ``_FillValue``; None for any other time encoding."""
+    unit, _, epoch = str(attrs.get("units", "")).partition(" since ")
     fill = attrs.get("_FillValue")
     if unit not in _TIME_UNITS or epoch.strip() not in ("1970-01-01", "1970-01-01T00:00:00") or fill is None:
         return None
-    times = (values.astype(np.int64) * _TIME_UNITS[unit]).astype("datetime64[us]").astype("datetime64[ns]")
-    times[values == fill] = np.datetime64("NaT")
-    return times
+    return _TIME_UNITS[unit], int(fill)
 
 
 def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:
