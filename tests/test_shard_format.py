@@ -108,3 +108,38 @@ def test_a_damaged_shard_index_is_refused(tmp_path):
     raw[-10] ^= 0xFF
     with pytest.raises(ValueError, match="CRC32C"):
         fmt.shard_index(bytes(raw[-fmt.index_nbytes :]))
+
+
+def test_shard_writer_takes_chips_one_by_one_from_a_reused_buffer(tmp_path):
+    from eoprep.sinks import ShardWriter
+
+    url = str(tmp_path / "s.zarr")
+    shape = (7, 3, 2, 16, 16)
+    arr = zarr.create_array(
+        url,
+        name="g/pixels",
+        shape=shape,
+        dtype="uint16",
+        chunks=(1, *shape[1:]),
+        shards=(4, *shape[1:]),
+        fill_value=7,
+        compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+    )
+    data = _data(arr)
+    buffer = np.empty(shape[1:], dtype="uint16")
+    whole, partial = ShardWriter(url, "g", [0, 1, 2, 3]), ShardWriter(url, "g", [5, 6])  # shard 1 holds 4..6
+    for writer, positions in ((whole, [3, 1, 0, 2]), (partial, [6, 5])):
+        for position in positions:
+            buffer[...] = data[position]
+            writer.add(position, buffer)
+    assert (arr[:] == 7).all(), "written before close"
+    assert whole.close() > 0 and partial.close() > 0
+    np.testing.assert_array_equal(arr[:4], data[:4])
+    np.testing.assert_array_equal(arr[5:], data[5:])
+    assert (arr[4] == 7).all()
+
+    short = ShardWriter(url, "g", [0, 1, 2, 3])
+    short.add(0, data[1])
+    with pytest.raises(ValueError, match=r"\[1, 2, 3\] were never added"):
+        short.close()
+    np.testing.assert_array_equal(arr[:4], data[:4])

@@ -35,6 +35,7 @@ __all__ = [
     "empty_chip",
     "plan_chips",
     "quality_verdict",
+    "RowChip",
     "read_chip_rows",
 ]
 
@@ -376,14 +377,34 @@ def build_chip(
     return out, max(attempts, 1)
 
 
+@dataclass
+class RowChip:
+    """A chip cut out of its row's read, built on demand: a worker builds a shard's chips one by one
+    in one reused buffer instead of holding all of them at once."""
+
+    plan: ChipPlan
+    layout: CollectionLayout
+    cut: np.ndarray
+    todo: list[tuple[int, SlotPlan]]
+    where: dict[str, int]
+    stored: np.ndarray | None
+
+    def build(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The chip array, in ``out`` when it has the chip's shape and dtype."""
+        chip = _start_chip(self.plan, self.layout, self.stored, self.todo, out)
+        for t, slot in self.todo:
+            _fill_slot(chip[t], self.cut, [self.where[item["id"]] for item in slot.items], self.layout, False)
+        return chip
+
+
 def read_chip_rows(
     plans: Sequence[ChipPlan],
     layout: CollectionLayout,
     *,
     engine: str,
     stored: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """Chip arrays of side-by-side chips, each row of them read as one window; keyed by chip id.
+) -> dict[str, RowChip]:
+    """Chips of side-by-side chips, each row of them read as one window; keyed by chip id.
 
     An engine's cost per call and per file is paid once per row instead of once per chip (odc-stac
     spends more on that than on the pixels of a 256² chip). Rows hold chips of one CRS whose tops
@@ -396,7 +417,7 @@ def read_chip_rows(
     """
     stored = stored or {}
     todo = {p.id: _to_read(p, layout, stored.get(p.id)) for p in plans}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, RowChip] = {}
     for row in _chip_rows([p for p in plans if todo[p.id]]):
         first = row[0].grid
         px = first.pixel_size
@@ -412,10 +433,7 @@ def read_chip_rows(
         for p in row:
             r, c = round((top - p.grid.y0) / px), round((p.grid.x0 - left) / px)
             cut = scenes[:, :, r : r + first.size, c : c + first.size]
-            chip = _start_chip(p, layout, stored.get(p.id), todo[p.id])
-            for t, slot in todo[p.id]:
-                _fill_slot(chip[t], cut, [where[item["id"]] for item in slot.items], layout, False)
-            out[p.id] = chip
+            out[p.id] = RowChip(p, layout, cut, todo[p.id], where, stored.get(p.id))
     return out
 
 
@@ -461,14 +479,21 @@ def _to_read(plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None
 
 
 def _start_chip(
-    plan: ChipPlan, layout: CollectionLayout, stored: np.ndarray | None, todo: Sequence[tuple[int, SlotPlan]]
+    plan: ChipPlan,
+    layout: CollectionLayout,
+    stored: np.ndarray | None,
+    todo: Sequence[tuple[int, SlotPlan]],
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A chip with its reused slots copied from ``stored`` and nodata in the slots nothing will be read into.
+    """A chip (in ``out`` if it fits) with its reused slots copied from ``stored`` and nodata in the
+    slots nothing will be read into.
 
     The slots in ``todo`` are left unset: their reads write every pixel, and a chip is MBs, so not
     filling it first saves a pass over it.
     """
-    out = np.empty(_chip_shape(plan, layout), dtype=np.dtype(layout.dtype))
+    shape, dtype = _chip_shape(plan, layout), np.dtype(layout.dtype)
+    if out is None or out.shape != shape or out.dtype != dtype:
+        out = np.empty(shape, dtype=dtype)
     reuse = _reused(plan, layout, stored)
     if reuse:
         out[:reuse] = stored[:reuse]

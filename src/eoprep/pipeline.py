@@ -21,6 +21,7 @@ from eoprep.chips import (
     ChipPlan,
     ChipResult,
     CollectionLayout,
+    RowChip,
     build_chip,
     chip_quality,
     collection_layout,
@@ -100,21 +101,22 @@ def process_shard(
 
     store = ChipStore(store_url)
     results: list[ChipResult] = []
-    blocks: dict[str, list[np.ndarray]] = {key: [] for key in layouts}
+    writers = {key: store.shard_writer(key, shard.positions) for key in layouts}
     stored = {
         plan.id: {key: store.read_chip(key, position) for key in layouts if plan.reuse.get(key)}
         for position, plan in zip(shard.positions, shard.plans, strict=True)
     }
+    buffers: dict[str, np.ndarray] = {}
     with rasterio.Env():
         rows = _read_rows(shard.plans, layouts, options, stored)
-        for plan in shard.plans:
-            read = {key: rows[key][plan.id] for key in layouts if plan.id in rows[key]}
+        for position, plan in zip(shard.positions, shard.plans, strict=True):
+            read = {key: rows[key][plan.id].build(buffers.get(key)) for key in layouts if plan.id in rows[key]}
+            buffers.update(read)  # each writer encodes its chip at once: the next chip reuses the buffer
             result, arrays = _build_all(plan, layouts, options, stored[plan.id], read)
             results.append(result)
-            for key in layouts:
-                blocks[key].append(arrays[key])
-    written = sum(store.write_slice(key, shard.positions, arrays) for key, arrays in blocks.items())
-    results[0].bytes_written = written
+            for key, writer in writers.items():
+                writer.add(position, arrays[key])
+    results[0].bytes_written = sum(writer.close() for writer in writers.values())
     return results
 
 
@@ -123,7 +125,7 @@ def _read_rows(
     layouts: dict[str, CollectionLayout],
     options: _LoaderOptions,
     stored: dict[str, dict[str, np.ndarray]],
-) -> dict[str, dict[str, np.ndarray]]:
+) -> dict[str, dict[str, RowChip]]:
     """Side-by-side chips of the shard read row by row, where nothing asks for one chip at a time."""
     if not options.row_reads:
         return {key: {} for key in layouts}

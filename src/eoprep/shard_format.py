@@ -112,16 +112,25 @@ class ShardFormat:
         Chips made of fill values only are not stored, as zarr does; None when no chip is stored,
         i.e. the shard object should not exist.
         """
+        return self.assemble([self.encode_chip(chip) for chip in chips])
+
+    def encode_chip(self, chip: np.ndarray) -> bytes | None:
+        """One inner chunk as stored, or None for a chip of fill values only (not stored)."""
+        if self._all_fill(chip):
+            return None
+        chip = np.ascontiguousarray(chip, dtype=self.dtype)
+        return chip.tobytes() if self.compressor is None else bytes(self.compressor.encode(chip))
+
+    def assemble(self, payloads: Sequence[bytes | None]) -> bytes | None:
+        """The shard object from its chips' `encode_chip` payloads in position order (None: not stored)."""
         import google_crc32c
 
         index = np.full((self.chips, 2), EMPTY, dtype="<u8")
         parts: list[bytes] = []
         offset = 0
-        for j, chip in enumerate(chips):
-            if self._all_fill(chip):
+        for j, payload in enumerate(payloads):
+            if payload is None:
                 continue
-            chip = np.ascontiguousarray(chip, dtype=self.dtype)
-            payload = chip.tobytes() if self.compressor is None else bytes(self.compressor.encode(chip))
             index[j] = (offset, len(payload))
             parts.append(payload)
             offset += len(payload)

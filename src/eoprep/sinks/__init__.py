@@ -12,7 +12,7 @@ from eoprep.sinks._index import (
     write_stac,
 )
 from eoprep.sinks._taco import TACO_DIR, TacoWriteResult, write_taco
-from eoprep.sinks._zarr import CHIPS_STORE, ChipState, ChipStore, ShardSlice, shard_slices
+from eoprep.sinks._zarr import CHIPS_STORE, ChipState, ChipStore, ShardSlice, ShardWriter, shard_slices
 
 __all__ = [
     "CHIPS_STORE",
@@ -22,6 +22,7 @@ __all__ = [
     "ChipState",
     "ChipStore",
     "ShardSlice",
+    "ShardWriter",
     "TacoWriteResult",
     "atomic_write",
     "read_index",

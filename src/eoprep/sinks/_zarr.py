@@ -40,7 +40,7 @@ from eoprep.config import PipelineSpec
 from eoprep.errors import EoprepError
 from eoprep.shard_format import ShardFormat
 
-__all__ = ["CHIPS_STORE", "ChipStore"]
+__all__ = ["CHIPS_STORE", "ChipStore", "ShardWriter"]
 
 CHIPS_STORE = "chips.zarr"
 _NAT = np.iinfo(np.int64).min
@@ -237,38 +237,9 @@ class ChipStore:
         out = {name: _decoded(values, attrs) for name, (values, attrs) in zip(names, sync(read()), strict=True)}
         return None if any(v is None for v in out.values()) else out  # type: ignore[return-value]
 
-    def write_slice(self, key: str, positions: Sequence[int], chips: Sequence[np.ndarray]) -> int:
-        """Write chips of one group that share a shard; called on workers, one shard at a time.
-
-        A whole shard is encoded here and stored as one object (zarr's stores replace an object
-        atomically); a partial one (a refresh rewriting some of its chips) goes through zarr.
-        Returns the stored size of the shard written, i.e. the bytes this write put on storage.
-        """
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-
-        arr = zarr.open_array(self.url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
-        per_shard = arr.shards[0]
-        shard_no = positions[0] // per_shard
-        shard = f"{arr.path}/{arr.metadata.encode_chunk_key((shard_no, 0, 0, 0, 0))}"
-        whole = range(shard_no * per_shard, min((shard_no + 1) * per_shard, arr.shape[0]))
-        fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
-        if fmt is not None and list(positions) == list(whole):
-            blob = fmt.encode(chips)
-            if blob is None:
-                sync(arr.store.delete(shard))
-                return 0
-            sync(arr.store.set(shard, default_buffer_prototype().buffer.from_bytes(blob)))
-            return len(blob)
-        start, data = positions[0], np.stack(chips)
-        if list(positions) == list(range(start, start + len(positions))):
-            arr[start : start + len(positions)] = data
-        else:
-            arr.oindex[list(positions)] = data
-        try:
-            return int(sync(arr.store.getsize(shard)))
-        except FileNotFoundError:
-            return 0  # a shard of nothing but fill values is not stored at all
+    def shard_writer(self, key: str, positions: Sequence[int]) -> ShardWriter:
+        """A writer for chips of one group that share a shard; used on workers, one shard at a time."""
+        return ShardWriter(self.url, key, positions)
 
     def read_chip(self, key: str, position: int) -> np.ndarray:
         """One stored chip (time, band, y, x), e.g. to reuse its unchanged time slots."""
@@ -329,6 +300,65 @@ class ChipStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self.url)
+
+
+class ShardWriter:
+    """Writes one group's chips of one shard, handed over one by one as they are built.
+
+    A whole shard's chips are encoded as they arrive, so the caller can build the next chip in the
+    same buffer (a worker then holds one chip's pixels per group, and never faults in fresh memory
+    for each of a shard's chips), and the shard is stored as one object by `close` (zarr's stores
+    replace an object atomically). Chips of a partial shard (a refresh rewriting some of them) are
+    copied and written through zarr. Nothing is written before `close`.
+    """
+
+    def __init__(self, url: str, key: str, positions: Sequence[int]) -> None:
+        self._arr = zarr.open_array(url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
+        self._positions = list(positions)
+        per_shard = self._arr.shards[0]
+        shard_no = self._positions[0] // per_shard
+        self._first = shard_no * per_shard
+        self._key = f"{self._arr.path}/{self._arr.metadata.encode_chunk_key((shard_no, 0, 0, 0, 0))}"
+        whole = range(self._first, min(self._first + per_shard, self._arr.shape[0]))
+        fmt = ShardFormat.from_metadata(self._arr.metadata.to_dict(), self._arr.fill_value)
+        self._fmt = fmt if fmt is not None and self._positions == list(whole) else None
+        self._payloads: list[bytes | None] = [None] * len(whole)
+        self._chips: dict[int, np.ndarray] = {}
+        self._added: set[int] = set()
+
+    def add(self, position: int, chip: np.ndarray) -> None:
+        """Take the chip at ``position``; ``chip`` may be overwritten once this returns."""
+        if position not in self._positions:
+            raise ValueError(f"chip position {position} is not one of this writer's {self._positions}")
+        if self._fmt is not None:
+            self._payloads[position - self._first] = self._fmt.encode_chip(chip)
+        else:
+            self._chips[position] = chip.copy()
+        self._added.add(position)
+
+    def close(self) -> int:
+        """Store the shard; returns its stored size, i.e. the bytes this write put on storage."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        if missing := [p for p in self._positions if p not in self._added]:
+            raise ValueError(f"chip positions {missing} were never added")
+        if self._fmt is not None:
+            blob = self._fmt.assemble(self._payloads)
+            if blob is None:
+                sync(self._arr.store.delete(self._key))
+                return 0
+            sync(self._arr.store.set(self._key, default_buffer_prototype().buffer.from_bytes(blob)))
+            return len(blob)
+        start, data = self._positions[0], np.stack([self._chips[p] for p in self._positions])
+        if self._positions == list(range(start, start + len(self._positions))):
+            self._arr[start : start + len(self._positions)] = data
+        else:
+            self._arr.oindex[self._positions] = data
+        try:
+            return int(sync(self._arr.store.getsize(self._key)))
+        except FileNotFoundError:
+            return 0  # a shard of nothing but fill values is not stored at all
 
 
 def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[str, Any] | None) -> dict[str, Any]:
