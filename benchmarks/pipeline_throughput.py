@@ -13,9 +13,12 @@ All numbers come from one run on this machine:
   carry them;
 * every timed row starts after ``os.sync()``, so no row runs under the writeback of an earlier row's output;
 * memory: peak RSS of the workers during the run (VmHWM, reset once the workers have imported
-  everything) next to their idle RSS, for a small AOI and one with 4.4x its chips.
+  everything) next to their idle RSS, for a small AOI and one with 4.4x its chips;
+* rounds: every row is measured ``--rounds`` times, the rows interleaved, and each eoprep run is
+  divided by the raw bound of its own round; the table shows the median and the range. One round
+  swings by 20-30 % on a shared VM, more than most changes worth measuring.
 
-    .venv/bin/python benchmarks/pipeline_throughput.py [--workers 2] [--json out.json]
+    .venv/bin/python benchmarks/pipeline_throughput.py [--workers 2] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -140,11 +143,35 @@ def eoprep_run(url: str, out: Path, bbox: list[float], engine: str, workers: int
     }
 
 
+#: Rows in the order each round measures them: (row name, AOI size, engine or None for the raw bound).
+ROWS = [
+    ("raw-read bound (small AOI)", "small", None),
+    ("eoprep odc-stac (small AOI)", "small", "odc-stac"),
+    ("eoprep stackstac (small AOI)", "small", "stackstac"),
+    ("eoprep rasterio (small AOI)", "small", "rasterio"),
+    ("raw-read bound (large AOI)", "large", None),
+    ("eoprep odc-stac (large AOI)", "large", "odc-stac"),
+    ("eoprep rasterio (large AOI)", "large", "rasterio"),
+]
+
+
+def _summary(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The median run's numbers (by time), every run's seconds, and the peak memory of the worst run."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    row = dict(ordered[len(ordered) // 2])
+    row["runs_s"] = [r["seconds"] for r in runs]
+    if "peak_worker_mb" in row:
+        row["peak_worker_mb"] = max(r["peak_worker_mb"] for r in runs)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every row, interleaved (default 3)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in ROWS}
     with tempfile.TemporaryDirectory(prefix="eoprep-bench-") as tmp:
         root = Path(tmp)
         archive = demo_archive(default_data_dir() / "bench-archive", bbox=ARCHIVE_BBOX, say=print)
@@ -154,40 +181,40 @@ def main() -> None:
         try:
             server.load(archive.collections, archive.items)
             eoprep_run(server.url, root / "warm-up", SMALL_AOI, "odc-stac", args.workers)
-            rows = {"raw-read bound (small AOI)": raw_bound(items, SMALL_AOI, args.workers)}
-            rows["eoprep odc-stac (small AOI)"] = eoprep_run(
-                server.url, root / "o1", SMALL_AOI, "odc-stac", args.workers
-            )
-            rows["eoprep stackstac (small AOI)"] = eoprep_run(
-                server.url, root / "s1", SMALL_AOI, "stackstac", args.workers
-            )
-            rows["eoprep rasterio (small AOI)"] = eoprep_run(
-                server.url, root / "r1", SMALL_AOI, "rasterio", args.workers
-            )
-            rows["raw-read bound (large AOI)"] = raw_bound(items, LARGE_AOI, args.workers)
-            rows["eoprep odc-stac (large AOI)"] = eoprep_run(
-                server.url, root / "o2", LARGE_AOI, "odc-stac", args.workers
-            )
-            rows["eoprep rasterio (large AOI)"] = eoprep_run(
-                server.url, root / "r2", LARGE_AOI, "rasterio", args.workers
-            )
+            for r in range(args.rounds):
+                for i, (name, size, engine) in enumerate(ROWS):
+                    bbox = SMALL_AOI if size == "small" else LARGE_AOI
+                    if engine is None:
+                        runs[name].append(raw_bound(items, bbox, args.workers))
+                    else:
+                        runs[name].append(eoprep_run(server.url, root / f"r{r}-{i}", bbox, engine, args.workers))
+                print(f"round {r + 1}/{args.rounds} done", flush=True)
         finally:
             server.destroy()
+    rows = {name: _summary(row_runs) for name, row_runs in runs.items()}
     # Ratios compare chips/s: both sides make the same chips. MB/s differ in what they count (the raw
-    # bound the windows of the scenes that exist, eoprep whole chips including empty time slots).
-    bound = {size: rows[f"raw-read bound ({size} AOI)"]["chips_s"] for size in ("small", "large")}
-    print(f"\n{'run':32} {'chips':>6} {'s':>7} {'chips/s':>8} {'MB/s':>7} {'x bound':>8} {'peak worker MB':>22}")
+    # bound the windows of the scenes that exist, eoprep whole chips including empty time slots). Each
+    # round's eoprep run is divided by the same round's bound, so a slow spell of the machine hits both.
+    bound = {size: [b["chips_s"] for b in runs[f"raw-read bound ({size} AOI)"]] for size in ("small", "large")}
+    print(
+        f"\n{'run (median of ' + str(args.rounds) + ' rounds)':32} {'chips':>6} {'s':>7} {'chips/s':>8} "
+        f"{'MB/s':>7} {'x bound':>8} {'x bound, range':>15} {'peak worker MB':>22}"
+    )
     for name, row in rows.items():
-        ratio = row["chips_s"] / bound["large" if "large" in name else "small"]
-        row["ratio_to_bound"] = ratio
+        size = "large" if "large" in name else "small"
+        ratios = sorted(run["chips_s"] / b for run, b in zip(runs[name], bound[size], strict=True))
+        row["ratio_to_bound"] = ratios[len(ratios) // 2]
+        row["ratio_range"] = [ratios[0], ratios[-1]]
         peak = f"{row['peak_worker_mb']:.0f} ({row['idle_worker_mb']:.0f} idle)" if "peak_worker_mb" in row else "-"
+        spread = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
         print(
             f"{name:32} {row['chips']:>6} {row['seconds']:>7.2f} {row['chips_s']:>8.2f} {row['mb_s']:>7.1f} "
-            f"{ratio:>8.2f} {peak:>22}"
+            f"{row['ratio_to_bound']:>8.2f} {spread:>15} {peak:>22}"
         )
     small, large = rows["eoprep rasterio (small AOI)"], rows["eoprep rasterio (large AOI)"]
     result = {
         "workers": args.workers,
+        "rounds": args.rounds,
         "rows": rows,
         "odc_vs_stackstac_speed": rows["eoprep odc-stac (small AOI)"]["chips_s"]
         / rows["eoprep stackstac (small AOI)"]["chips_s"],
