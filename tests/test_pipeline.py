@@ -9,6 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import shapely
 import xarray as xr
 import zarr
 from rasterio.windows import from_bounds
@@ -79,6 +80,9 @@ def test_index_and_stac_describe_the_written_chips(demo_run):
     assert len(items) == summary.chips_written and len(collection["links"]) == len(items)
     item = json.loads(items[0].read_text())
     assert item["properties"]["proj:code"] == "EPSG:32632" and set(item["assets"]) == {"s1", "s2"}
+    footprint = s2.set_index("id").geometry[item["id"]]
+    assert shapely.geometry.shape(item["geometry"]).equals_exact(footprint, 1e-9)
+    assert item["bbox"] == list(footprint.bounds)
     product = json.loads((Path(__file__).parents[1] / "catalog" / "products" / "eoprep-chips.json").read_text())
     assert product["summaries"]["eoprep:index_columns"] == list(index.columns)
     coords = set(xr.open_zarr(out / "chips.zarr", group="s2").coords)

@@ -70,6 +70,17 @@ def _assert_same_output(a: Path, b: Path) -> None:
     ids_b, px_b = _pixels(b)
     assert ids_a == ids_b
     np.testing.assert_array_equal(px_a, px_b)
+    assert _stac_items(a) == _stac_items(b)
+
+
+def _stac_items(out: Path) -> dict[str, dict]:
+    """The output's STAC items by file name, without the spec hash (the two specs differ in their output path)."""
+    items = {}
+    for path in sorted((out / "stac" / "items").glob("*.json")):
+        item = json.loads(path.read_text())
+        del item["properties"]["eoprep:spec_hash"]
+        items[path.name] = item
+    return items
 
 
 def test_refresh_appends_a_new_date_and_then_has_nothing_to_do(demo_archive, stac_server, client, tmp_path):
