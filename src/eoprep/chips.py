@@ -29,13 +29,13 @@ __all__ = [
     "ChipPlan",
     "ChipResult",
     "CollectionLayout",
+    "RowChip",
     "SlotPlan",
     "build_chip",
     "chip_quality",
     "empty_chip",
     "plan_chips",
     "quality_verdict",
-    "RowChip",
     "read_chip_rows",
 ]
 
