@@ -218,6 +218,28 @@ def test_bad_input_fails_before_writing_anything(stac_api, client, tmp_path, cha
     assert not out.exists()
 
 
+def test_an_output_of_an_older_layout_is_refused_and_left_alone(demo_run, stac_api, client, tmp_path):
+    import shutil
+
+    _, _, out = demo_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    shutil.rmtree(old / "chips.zarr" / "s2" / "inputs")  # as written before chips recorded their inputs
+    (old / "chips.zarr" / "zarr.json").write_text(  # drop the consolidated listing that still names it
+        json.dumps(
+            {
+                k: v
+                for k, v in json.loads((old / "chips.zarr" / "zarr.json").read_text()).items()
+                if k != "consolidated_metadata"
+            }
+        )
+    )
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    with pytest.raises(EoprepError, match=r"output.path: group 's2' of .* lacks \['inputs'\].*new output path"):
+        run_pipeline(make_spec(old), client=client, catalog_url=stac_api, say=_quiet)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
 def test_aoi_in_a_projected_crs_is_reprojected(stac_api, client, tmp_path):
     from pyproj import Transformer
 

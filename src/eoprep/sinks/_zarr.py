@@ -121,6 +121,13 @@ class ChipStore:
         for key, layout in layouts.items():
             if key not in root:
                 continue
+            missing = sorted(set(_STATE_ARRAYS) - set(root[key].array_keys()))
+            if missing:
+                version = dict(root.attrs).get("eoprep:version", "unknown")
+                raise EoprepError(
+                    f"output.path: group {key!r} of {self.url} lacks {missing}, which this eoprep keeps per chip "
+                    f"(written by eoprep {version}). Use a new output path."
+                )
             arr = root[f"{key}/pixels"]
             bands = [str(b) for b in root[f"{key}/band"][:]]
             if bands != list(layout.bands) or arr.shape[1] != layout.n_time or arr.dtype != np.dtype(layout.dtype):
@@ -376,6 +383,12 @@ def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[s
         "window_end": dict(_TIME_ENCODING),
     }
 
+
+#: The per-chip arrays a run reads and updates besides the pixels (what `states`, `reset`, `record` touch).
+_STATE_ARRAYS = (
+    "chip", "band", "written", "inputs", "item_ids", "datetime", "valid_fraction", "cloud_fraction",
+    "shift_x", "shift_y", "shift_confidence", "shift_applied",
+)  # fmt: skip
 
 _SHIFT_ATTRS = {
     "shift_x": {"units": "m", "long_name": "estimated shift of the scene against the reference, east"},
