@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def test_run_shows_dashboard_progress_and_summary_then_inspect(stac_api, tmp_pat
     proc = _eoprep("run", str(spec), "--catalog", stac_api, "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     assert "dashboard http://127.0.0.1:" in proc.stderr
-    assert "chips" in proc.stderr and "chips written" in proc.stderr and "MB" in proc.stderr
+    assert re.search(r"^chips .* (\d+)/\1 ", proc.stderr, re.M), "no finished progress bar"
+    assert "chips written" in proc.stderr and "MB" in proc.stderr
 
     again = _eoprep("run", str(spec), "--catalog", stac_api, "--workers", "1", "--json")
     summary = json.loads(again.stdout)
@@ -79,6 +81,7 @@ def test_unknown_band_exits_2_and_writes_nothing(stac_api, tmp_path):
     proc = _eoprep("run", str(spec), "--catalog", stac_api, "--workers", "1")
     assert proc.returncode == 2
     assert "source.collections[0].bands: ['B13'] not among the assets" in proc.stderr
+    assert "0/?" not in proc.stderr, "a progress bar for work that never started"
     assert not (tmp_path / "out").exists()
 
 

@@ -144,13 +144,13 @@ def _run_spec(spec: PipelineSpec, args: argparse.Namespace, console: Console, ca
             console=console,
             transient=False,
         ) as bar:
-            task = bar.add_task("chips", total=None)
+            task = bar.add_task("chips", total=None, visible=False)  # shown once there is work
             summary = run_pipeline(
                 spec,
                 client=client,
                 catalog_url=catalog,
                 say=lambda m: bar.console.print(m, soft_wrap=True),
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=lambda done, total: bar.update(task, completed=done, total=total, visible=True),
                 wait=getattr(args, "wait", False),
             )
     if getattr(args, "json", False):
@@ -335,12 +335,12 @@ def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
         with Progress(
             TextColumn("chips"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as bar:
-            task = bar.add_task("chips", total=None)
+            task = bar.add_task("chips", total=None, visible=False)  # shown once there is work
             summary = embed(
                 spec,
                 client=client,
                 say=lambda m: bar.console.print(m, soft_wrap=True),
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=lambda done, total: bar.update(task, completed=done, total=total, visible=True),
             )
     if args.json:
         print(json.dumps(summary.to_dict(), default=str))
