@@ -218,6 +218,14 @@ def test_bad_input_fails_before_writing_anything(stac_api, client, tmp_path, cha
     assert not out.exists()
 
 
+def test_an_output_path_that_is_a_file_is_refused_and_left_alone(stac_api, client, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    with pytest.raises(EoprepError, match=r"notes.txt: cannot hold an output \(it exists and is not a folder\)"):
+        run_pipeline(make_spec(taken), client=client, catalog_url=stac_api, say=_quiet)
+    assert taken.read_text() == "mine"
+
+
 def test_an_output_of_an_older_layout_is_refused_and_left_alone(demo_run, stac_api, client, tmp_path):
     import shutil
 

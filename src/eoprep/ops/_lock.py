@@ -75,7 +75,12 @@ class OutputLock:
         return True
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = "it exists and is not a folder" if folder.exists() and not folder.is_dir() else exc.strerror
+            raise EoprepError(f"{folder}: cannot hold an output ({reason})") from None
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while not self._try_create():
             owner = self._owner()
