@@ -12,6 +12,7 @@ from pyproj import CRS, Transformer
 from pystac_client import Client
 from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
+from shapely.errors import ShapelyError
 from shapely.geometry import box, shape
 from shapely.ops import transform as shapely_transform
 from urllib3.util.retry import Retry
@@ -60,16 +61,25 @@ def _read_geojson(aoi: AoiSpec) -> shapely.Geometry:
         raise EoprepError(f"source.aoi.geojson: cannot read {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise EoprepError(f"source.aoi.geojson: {path} is not JSON ({exc.msg} at line {exc.lineno})") from None
-    kind = doc.get("type")
-    if kind == "FeatureCollection":
-        geoms = [shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
-    elif kind == "Feature":
-        geoms = [shape(doc["geometry"])]
-    else:
-        geoms = [shape(doc)]
+    try:
+        geoms = _geojson_geometries(doc)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ShapelyError) as exc:
+        raise EoprepError(
+            f"source.aoi.geojson: {path} is not a GeoJSON geometry, Feature or FeatureCollection "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     if not geoms:
         raise EoprepError(f"source.aoi.geojson: {path} holds no geometry")
     return shapely.union_all(geoms)
+
+
+def _geojson_geometries(doc: Any) -> list[shapely.Geometry]:
+    kind = doc.get("type")
+    if kind == "FeatureCollection":
+        return [shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
+    if kind == "Feature":
+        return [shape(doc["geometry"])]
+    return [shape(doc)]
 
 
 def _stac_io(retries: int, timeout: float) -> StacApiIO:
