@@ -76,6 +76,13 @@ def test_user_errors_are_one_line_with_exit_2(args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_a_worker_count_below_one_is_refused_before_anything_starts(tmp_path):
+    proc = _eoprep("run", str(_spec_file(tmp_path)), "--workers", "0")
+    assert proc.returncode == 2
+    assert "argument --workers: expected a whole number of at least 1, got '0'" in proc.stderr
+    assert "Dask" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_unknown_band_exits_2_and_writes_nothing(stac_api, tmp_path):
     spec = _spec_file(tmp_path, source__collections=[{"id": "demo-sentinel-2-l2a", "bands": ["B02", "B13"]}])
     proc = _eoprep("run", str(spec), "--catalog", stac_api, "--workers", "1")

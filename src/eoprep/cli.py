@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("W", "S", "E", "N"),
         help="lon/lat box: alone, query with its chips; with --chip/--vector, search only inside it",
     )
-    search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("-k", type=_at_least_one, default=10, help="number of results (default 10)")
     search.add_argument("--exact", action="store_true", help="exact search even when the store has an ANN index")
     search.add_argument("--json", action="store_true", help="print the matches as JSON lines")
     return parser
@@ -107,7 +107,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: start a LocalCluster)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes of the LocalCluster")
+    p.add_argument("--workers", type=_at_least_one, default=None, help="worker processes of the LocalCluster")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
