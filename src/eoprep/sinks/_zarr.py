@@ -125,7 +125,7 @@ class ChipStore:
             if missing:
                 version = dict(root.attrs).get("eoprep:version", "unknown")
                 raise EoprepError(
-                    f"output.path: group {key!r} of {self.url} lacks {missing}, which this eoprep keeps per chip "
+                    f"output.path: group {key!r} of {self.url} lacks {missing}, which this eoprep needs "
                     f"(written by eoprep {version}). Use a new output path."
                 )
             arr = root[f"{key}/pixels"]
@@ -384,7 +384,7 @@ def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[s
     }
 
 
-#: The per-chip arrays a run reads and updates besides the pixels (what `states`, `reset`, `record` touch).
+#: The arrays besides the pixels that a run reads and updates (`check_compatible`, `states`, `reset`, `record`).
 _STATE_ARRAYS = (
     "chip", "band", "written", "inputs", "item_ids", "datetime", "valid_fraction", "cloud_fraction",
     "shift_x", "shift_y", "shift_confidence", "shift_applied",
