@@ -218,6 +218,28 @@ def test_bad_input_fails_before_writing_anything(stac_api, client, tmp_path, cha
     assert not out.exists()
 
 
+def test_a_client_getter_is_called_only_when_tasks_are_ready(demo_run, stac_api, client, tmp_path):
+    spec, _, _ = demo_run
+    calls: list[int] = []
+
+    def started():
+        calls.append(1)
+        return client
+
+    again = run_pipeline(spec, client=started, catalog_url=stac_api, say=_quiet)
+    assert again.chips_written == 0 and calls == [], "a run with nothing to do waited for the cluster"
+    with pytest.raises(EoprepError, match="found no items"):
+        run_pipeline(
+            make_spec(tmp_path / "none", source__datetime="2019-01-01/2019-02-01"),
+            client=started,
+            catalog_url=stac_api,
+            say=_quiet,
+        )
+    assert calls == []
+    fresh = run_pipeline(make_spec(tmp_path / "fresh"), client=started, catalog_url=stac_api, say=_quiet)
+    assert calls == [1] and fresh.chips_written == fresh.chips_planned > 0
+
+
 def test_an_output_path_that_is_a_file_is_refused_and_left_alone(stac_api, client, tmp_path):
     taken = tmp_path / "notes.txt"
     taken.write_text("mine")

@@ -27,6 +27,8 @@ from eoprep.config import EMBEDDED, PipelineSpec, load_spec
 from eoprep.errors import EoprepError
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from eoprep.pipeline import RunSummary
 
 __all__ = ["main"]
@@ -139,30 +141,29 @@ def _say(console: Console) -> Callable[[str], None]:
     return lambda msg: console.print(msg, soft_wrap=True)
 
 
-def _run_spec(spec: PipelineSpec, args: argparse.Namespace, console: Console, catalog: str | None) -> int:
+def _run_spec(
+    spec: PipelineSpec, args: argparse.Namespace, console: Console, catalog: str | None, client: Callable[[], Client]
+) -> int:
     from eoprep.pipeline import run_pipeline
-    from eoprep.runtime import dask_client
 
-    say = _say(console)
-    with dask_client(scheduler=args.scheduler, workers=args.workers, say=say) as client:
-        with Progress(
-            TextColumn("chips"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        ) as bar:
-            task = bar.add_task("chips", total=None, visible=False)  # shown once there is work
-            summary = run_pipeline(
-                spec,
-                client=client,
-                catalog_url=catalog,
-                say=lambda m: bar.console.print(m, soft_wrap=True),
-                progress=lambda done, total: bar.update(task, completed=done, total=total, visible=True),
-                wait=getattr(args, "wait", False),
-            )
+    with Progress(
+        TextColumn("chips"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("chips", total=None, visible=False)  # shown once there is work
+        summary = run_pipeline(
+            spec,
+            client=client,
+            catalog_url=catalog,
+            say=lambda m: bar.console.print(m, soft_wrap=True),
+            progress=lambda done, total: bar.update(task, completed=done, total=total, visible=True),
+            wait=getattr(args, "wait", False),
+        )
     if getattr(args, "json", False):
         print(json.dumps(summary.to_dict(), default=str))
     else:
@@ -185,13 +186,17 @@ def _print_summary(console: Console, summary: RunSummary) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
-    spec = load_spec(args.spec)
-    if args.catalog or spec.source.url != EMBEDDED:
-        return _run_spec(spec, args, console, args.catalog)
-    from eoprep.embedded import embedded_catalog
+    from eoprep.runtime import dask_client_in_background
 
-    with embedded_catalog(say=_say(console)) as url:
-        return _run_spec(spec, args, console, url)
+    spec = load_spec(args.spec)
+    # The cluster starts while the catalog starts and the spec is searched and planned.
+    with dask_client_in_background(scheduler=args.scheduler, workers=args.workers, say=_say(console)) as client:
+        if args.catalog or spec.source.url != EMBEDDED:
+            return _run_spec(spec, args, console, args.catalog, client)
+        from eoprep.embedded import embedded_catalog
+
+        with embedded_catalog(say=_say(console)) as url:
+            return _run_spec(spec, args, console, url, client)
 
 
 def _cmd_schedule(args: argparse.Namespace, console: Console) -> int:
@@ -221,12 +226,14 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
     from eoprep.config import parse_spec
     from eoprep.embedded import embedded_catalog
+    from eoprep.runtime import dask_client_in_background
 
     data = yaml.safe_load(DEMO_SPEC.read_text())
     data["output"]["path"] = args.output
     spec = parse_spec(data, origin=str(DEMO_SPEC))
-    with embedded_catalog(say=_say(console)) as url:
-        code = _run_spec(spec, args, console, url)
+    with dask_client_in_background(scheduler=args.scheduler, workers=args.workers, say=_say(console)) as client:
+        with embedded_catalog(say=_say(console)) as url:
+            code = _run_spec(spec, args, console, url, client)
     console.print(f"open it with: xarray.open_zarr('{Path(args.output) / 'chips.zarr'}', group='s2')")
     return code
 

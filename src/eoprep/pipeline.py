@@ -199,7 +199,7 @@ def _first_line(exc: BaseException) -> str:
 def run_pipeline(
     spec: PipelineSpec,
     *,
-    client: Client,
+    client: Client | Callable[[], Client],
     catalog_url: str | None = None,
     say: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
@@ -211,7 +211,8 @@ def run_pipeline(
     interrupted run left unfinished are rewritten, everything else is left alone. Everything that
     can be wrong with the input (spec, AOI, API, search, bands, an incompatible existing output) is
     checked before the first byte is written; one writer per output is enforced by a lock
-    (``wait`` waits for it instead of failing).
+    (``wait`` waits for it instead of failing). ``client`` may be a function that returns the client
+    (e.g. of a cluster still starting): it is called only once tasks are ready to go.
     """
     started = time.perf_counter()
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -224,7 +225,7 @@ def run_pipeline(
     cells = grid.cells_in_geometry(aoi)
     say(f"AOI covers {len(cells)} grid cells of {spec.grid.cell_size:g} m; searching {catalog_url or spec.source.url}")
     if spec.source.kind == "earthengine":
-        items = search_earthengine(spec.source, aoi=aoi, client=client)
+        items = search_earthengine(spec.source, aoi=aoi, client=_resolved(client))
     else:
         items = search_items(spec.source, url=catalog_url, aoi=aoi)
     summary.items = {key: len(v) for key, v in items.items()}
@@ -253,7 +254,7 @@ def run_pipeline(
             )
             todo = [plan for _, plan in work] + new
             slices = shard_slices(positions, todo, spec.output.chips_per_shard)
-            results = _execute(client, store, layouts, slices, spec, progress)
+            results = _execute(_resolved(client), store, layouts, slices, spec, progress)
             summary.chips_written = sum(r.written for r in results)
             summary.bytes_written = sum(r.bytes_written for r in results)
             summary.skipped = [(r.id, r.reason or "") for r in results if not r.written]
@@ -268,6 +269,10 @@ def run_pipeline(
         summary.seconds = time.perf_counter() - started
         write_manifest(out_dir, run_id, _manifest(spec, summary, items, layouts))
     return summary
+
+
+def _resolved(client: Client | Callable[[], Client]) -> Client:
+    return client if isinstance(client, Client) else client()
 
 
 def _triage(

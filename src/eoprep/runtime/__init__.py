@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from eoprep.runtime._cluster import dask_client
+from eoprep.runtime._cluster import dask_client, dask_client_in_background
 
-__all__ = ["dask_client"]
+__all__ = ["dask_client", "dask_client_in_background"]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from eoprep._malloc import tune_malloc
 from eoprep.errors import EoprepError
 
-__all__ = ["dask_client"]
+__all__ = ["dask_client", "dask_client_in_background"]
 
 #: GDAL settings every worker reads files with; set in the worker environment, not on the client.
 #: The block cache holds the COG tiles a row of chips shares with the next row, which the same
@@ -81,3 +83,24 @@ def dask_client(
     finally:
         client.close()
         cluster.close()
+
+
+@contextmanager
+def dask_client_in_background(
+    *, scheduler: str | None = None, workers: int | None = None, say: Callable[[str], None] = print
+) -> Iterator[Callable[[], Client]]:
+    """`dask_client` started in a thread; yields a function that waits for the client.
+
+    A LocalCluster takes seconds to start its workers, and so do the embedded catalog and a search of
+    a remote STAC API: the caller does those meanwhile and waits only when it has tasks to submit.
+    On the way out the cluster is waited for (a half-started cluster cannot be closed) and closed.
+    """
+    stack = ExitStack()
+    with ThreadPoolExecutor(1, thread_name_prefix="eoprep-cluster-start") as pool:
+        started = pool.submit(stack.enter_context, dask_client(scheduler=scheduler, workers=workers, say=say))
+        try:
+            yield started.result
+        finally:
+            with contextlib.suppress(Exception):
+                started.result()  # the caller saw a failed start when it asked for the client
+            stack.close()
