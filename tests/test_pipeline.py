@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import geopandas as gpd
@@ -224,6 +225,7 @@ def test_a_client_getter_is_called_only_when_tasks_are_ready(demo_run, stac_api,
 
     def started():
         calls.append(1)
+        time.sleep(1.0)  # a cluster still starting
         return client
 
     again = run_pipeline(spec, client=started, catalog_url=stac_api, say=_quiet)
@@ -236,8 +238,11 @@ def test_a_client_getter_is_called_only_when_tasks_are_ready(demo_run, stac_api,
             say=_quiet,
         )
     assert calls == []
+    wall = time.perf_counter()
     fresh = run_pipeline(make_spec(tmp_path / "fresh"), client=started, catalog_url=stac_api, say=_quiet)
+    wall = time.perf_counter() - wall
     assert calls == [1] and fresh.chips_written == fresh.chips_planned > 0
+    assert fresh.seconds <= wall - 0.9, "the wait for the cluster was counted as the run's time"
 
 
 def test_an_output_path_that_is_a_file_is_refused_and_left_alone(stac_api, client, tmp_path):

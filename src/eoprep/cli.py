@@ -344,11 +344,11 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_embed(args: argparse.Namespace, console: Console) -> int:
     from eoprep.embed import embed, load_embed_spec
-    from eoprep.runtime import dask_client
+    from eoprep.runtime import dask_client_in_background
 
     spec = load_embed_spec(args.spec)
     say = _say(console)
-    with dask_client(scheduler=args.scheduler, workers=args.workers, say=say) as client:
+    with dask_client_in_background(scheduler=args.scheduler, workers=args.workers, say=say) as client:
         with Progress(
             TextColumn("chips"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as bar:

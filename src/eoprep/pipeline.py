@@ -34,6 +34,7 @@ from eoprep.config import PipelineSpec
 from eoprep.errors import EoprepError
 from eoprep.grid import GlobalGrid
 from eoprep.ops import OutputLock
+from eoprep.runtime import ClientLike, resolve_client
 from eoprep.sinks import (
     CHIPS_STORE,
     INDEX_FILE,
@@ -199,7 +200,7 @@ def _first_line(exc: BaseException) -> str:
 def run_pipeline(
     spec: PipelineSpec,
     *,
-    client: Client | Callable[[], Client],
+    client: ClientLike,
     catalog_url: str | None = None,
     say: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
@@ -215,6 +216,15 @@ def run_pipeline(
     (e.g. of a cluster still starting): it is called only once tasks are ready to go.
     """
     started = time.perf_counter()
+
+    def cluster() -> Client:
+        """The client; waiting for its cluster to start is not counted as the run's time."""
+        nonlocal started
+        before = time.perf_counter()
+        ready = resolve_client(client)
+        started += time.perf_counter() - before
+        return ready
+
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     out_dir = Path(spec.output.path)
     store = ChipStore(str(out_dir / CHIPS_STORE))
@@ -225,7 +235,7 @@ def run_pipeline(
     cells = grid.cells_in_geometry(aoi)
     say(f"AOI covers {len(cells)} grid cells of {spec.grid.cell_size:g} m; searching {catalog_url or spec.source.url}")
     if spec.source.kind == "earthengine":
-        items = search_earthengine(spec.source, aoi=aoi, client=_resolved(client))
+        items = search_earthengine(spec.source, aoi=aoi, client=cluster())
     else:
         items = search_items(spec.source, url=catalog_url, aoi=aoi)
     summary.items = {key: len(v) for key, v in items.items()}
@@ -254,7 +264,7 @@ def run_pipeline(
             )
             todo = [plan for _, plan in work] + new
             slices = shard_slices(positions, todo, spec.output.chips_per_shard)
-            results = _execute(_resolved(client), store, layouts, slices, spec, progress)
+            results = _execute(cluster(), store, layouts, slices, spec, progress)
             summary.chips_written = sum(r.written for r in results)
             summary.bytes_written = sum(r.bytes_written for r in results)
             summary.skipped = [(r.id, r.reason or "") for r in results if not r.written]
@@ -269,10 +279,6 @@ def run_pipeline(
         summary.seconds = time.perf_counter() - started
         write_manifest(out_dir, run_id, _manifest(spec, summary, items, layouts))
     return summary
-
-
-def _resolved(client: Client | Callable[[], Client]) -> Client:
-    return client if isinstance(client, Client) else client()
 
 
 def _triage(

@@ -32,6 +32,7 @@ from eoprep.embed._registry import build_encoder
 from eoprep.embed._spec import EmbedSpec
 from eoprep.embed._store import FeatureStore
 from eoprep.errors import EoprepError
+from eoprep.runtime import ClientLike, resolve_client
 
 __all__ = ["EmbedSummary", "EncodeTask", "embed", "encode_chips"]
 
@@ -299,7 +300,7 @@ def _chip_meta(frame: gpd.GeoDataFrame) -> np.ndarray:
 def embed(
     spec: EmbedSpec,
     *,
-    client: Client,
+    client: ClientLike,
     say: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
 ) -> EmbedSummary:
@@ -309,8 +310,9 @@ def embed(
     ----------
     spec : EmbedSpec
         Input chips, encoder, runtime and output store.
-    client : distributed.Client
-        Where the encoder tasks run (workers with a ``GPU`` resource get them on CUDA).
+    client : distributed.Client or a function returning one
+        Where the encoder tasks run (workers with a ``GPU`` resource get them on CUDA); a function
+        (a cluster still starting) is called once the input and the encoder have been checked.
     say : callable, optional
         Receives one-line messages.
     progress : callable, optional
@@ -361,7 +363,10 @@ def embed(
         "size": info.size,
         "unsigned_bits": pixels.dtype.itemsize * 8,
     }
-    device, resources, note = _resolve_device(client, spec.runtime.device)
+    waiting = time.perf_counter()
+    dask = resolve_client(client)
+    started += time.perf_counter() - waiting  # a cluster still starting is not the run's time
+    device, resources, note = _resolve_device(dask, spec.runtime.device)
     store = FeatureStore(spec.output.path)
     record = {
         "name": spec.name,
@@ -425,7 +430,7 @@ def embed(
         )
         for i in range(0, len(todo), per_task)
     ]
-    futures = {client.submit(encode_chips, t, pure=False, resources=resources, retries=1): t for t in tasks}
+    futures = {dask.submit(encode_chips, t, pure=False, resources=resources, retries=1): t for t in tasks}
     vectors: dict[int, np.ndarray] = {}
     if progress:
         progress(0, len(todo))

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from eoprep.runtime._cluster import dask_client, dask_client_in_background
+from eoprep.runtime._cluster import ClientLike, dask_client, dask_client_in_background, resolve_client
 
-__all__ = ["dask_client", "dask_client_in_background"]
+__all__ = ["ClientLike", "dask_client", "dask_client_in_background", "resolve_client"]

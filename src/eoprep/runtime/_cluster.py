@@ -14,7 +14,16 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from eoprep._malloc import tune_malloc
 from eoprep.errors import EoprepError
 
-__all__ = ["dask_client", "dask_client_in_background"]
+__all__ = ["ClientLike", "dask_client", "dask_client_in_background", "resolve_client"]
+
+#: A client, or a function that returns one once its cluster is up (`dask_client_in_background`).
+ClientLike = Client | Callable[[], Client]
+
+
+def resolve_client(client: ClientLike) -> Client:
+    """The client to submit to; waits for a cluster still starting. Call it only when tasks are ready."""
+    return client if isinstance(client, Client) else client()
+
 
 #: GDAL settings every worker reads files with; set in the worker environment, not on the client.
 #: The block cache holds the COG tiles a row of chips shares with the next row, which the same
