@@ -104,7 +104,7 @@ def _open_client(url: str, sign: str | None, retries: int, timeout: float) -> Cl
             raise EoprepError("source.sign: 'planetary-computer' needs: pip install planetary-computer") from None
         modifier = planetary_computer.sign_inplace
     try:
-        return Client.open(url, modifier=modifier, stac_io=_stac_io(retries, timeout))
+        return _rooted(Client.open(url, modifier=modifier, stac_io=_stac_io(retries, timeout)))
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise EoprepError(f"source.url: cannot reach the STAC API at {url} ({type(exc).__name__})") from None
     except APIError as exc:
@@ -113,6 +113,20 @@ def _open_client(url: str, sign: str | None, retries: int, timeout: float) -> Cl
         raise EoprepError(f"source.url: {url} answered with an error: {str(exc).splitlines()[0][:200]}") from None
     except (json.JSONDecodeError, pystac.STACError, KeyError) as exc:
         raise EoprepError(f"source.url: {url} is not a STAC API landing page ({exc})") from None
+
+
+def _rooted(client: Client) -> Client:
+    """The landing page as its own root, when its root link points to it.
+
+    Unresolved, that link made pystac fetch the landing page a second time to resolve the search
+    link's href: one more round trip to the API per run.
+    """
+    link, own = client.get_single_link("root"), client.get_self_href()
+    if link is None or link.is_resolved() or not own:
+        return client
+    if (link.get_target_str() or "").rstrip("/") == own.rstrip("/"):  # the raw href: `.href` resolves the root
+        client.set_root(client)
+    return client
 
 
 def _unreachable(exc: APIError) -> bool:
