@@ -220,9 +220,8 @@ def run_pipeline(
     def cluster() -> Client:
         """The client; waiting for its cluster to start is not counted as the run's time."""
         nonlocal started
-        before = time.perf_counter()
-        ready = resolve_client(client)
-        started += time.perf_counter() - before
+        ready, waited = resolve_client(client)
+        started += waited
         return ready
 
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")

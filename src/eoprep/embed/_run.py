@@ -363,9 +363,8 @@ def embed(
         "size": info.size,
         "unsigned_bits": pixels.dtype.itemsize * 8,
     }
-    waiting = time.perf_counter()
-    dask = resolve_client(client)
-    started += time.perf_counter() - waiting  # a cluster still starting is not the run's time
+    dask, waited = resolve_client(client)
+    started += waited  # a cluster still starting is not the run's time
     device, resources, note = _resolve_device(dask, spec.runtime.device)
     store = FeatureStore(spec.output.path)
     record = {

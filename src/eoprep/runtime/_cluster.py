@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -20,9 +21,14 @@ __all__ = ["ClientLike", "dask_client", "dask_client_in_background", "resolve_cl
 ClientLike = Client | Callable[[], Client]
 
 
-def resolve_client(client: ClientLike) -> Client:
-    """The client to submit to; waits for a cluster still starting. Call it only when tasks are ready."""
-    return client if isinstance(client, Client) else client()
+def resolve_client(client: ClientLike) -> tuple[Client, float]:
+    """The client to submit to, and the seconds spent waiting for its cluster to start (not the run's
+    own time). Call it only when tasks are ready."""
+    if isinstance(client, Client):
+        return client, 0.0
+    before = time.perf_counter()
+    ready = client()
+    return ready, time.perf_counter() - before
 
 
 #: GDAL settings every worker reads files with; set in the worker environment, not on the client.
