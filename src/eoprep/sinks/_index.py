@@ -125,7 +125,8 @@ def write_stac(out_dir: Path, table: gpd.GeoDataFrame, *, name: str, spec_hash: 
 
     Every item is rebuilt on each run and written only where it changed. Footprints are densified
     polygons (~130 vertices): GEOS writes their GeoJSON for all chips at once and orjson embeds it as
-    is, which made a refresh's STAC update 4x cheaper than ``mapping`` + ``json.dumps`` per chip.
+    is, which halved a refresh's STAC update against ``mapping`` + ``json.dumps`` per chip (85 → 41 ms
+    for 160 chips).
     """
     import orjson
 
