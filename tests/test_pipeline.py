@@ -219,8 +219,7 @@ def test_bad_input_fails_before_writing_anything(stac_api, client, tmp_path, cha
     assert not out.exists()
 
 
-def test_a_client_getter_is_called_only_when_tasks_are_ready(demo_run, stac_api, client, tmp_path):
-    spec, _, _ = demo_run
+def test_a_client_getter_is_called_once_the_spec_is_planned(stac_api, client, tmp_path):
     calls: list[int] = []
 
     def started():
@@ -228,8 +227,6 @@ def test_a_client_getter_is_called_only_when_tasks_are_ready(demo_run, stac_api,
         time.sleep(1.0)  # a cluster still starting
         return client
 
-    again = run_pipeline(spec, client=started, catalog_url=stac_api, say=_quiet)
-    assert again.chips_written == 0 and calls == [], "a run with nothing to do waited for the cluster"
     with pytest.raises(EoprepError, match="found no items"):
         run_pipeline(
             make_spec(tmp_path / "none", source__datetime="2019-01-01/2019-02-01"),
@@ -237,12 +234,22 @@ def test_a_client_getter_is_called_only_when_tasks_are_ready(demo_run, stac_api,
             catalog_url=stac_api,
             say=_quiet,
         )
-    assert calls == []
+    assert calls == [], "bad input waited for the cluster"
     wall = time.perf_counter()
     fresh = run_pipeline(make_spec(tmp_path / "fresh"), client=started, catalog_url=stac_api, say=_quiet)
     wall = time.perf_counter() - wall
     assert calls == [1] and fresh.chips_written == fresh.chips_planned > 0
     assert fresh.seconds <= wall - 0.9, "the wait for the cluster was counted as the run's time"
+
+
+def test_a_cluster_that_cannot_start_leaves_no_output(stac_api, tmp_path):
+    def failed():
+        raise EoprepError("--scheduler: cannot connect to the Dask scheduler at tcp://127.0.0.1:9")
+
+    out = tmp_path / "out"
+    with pytest.raises(EoprepError, match="cannot connect"):
+        run_pipeline(make_spec(out), client=failed, catalog_url=stac_api, say=_quiet)
+    assert not out.exists()
 
 
 def test_an_output_path_that_is_a_file_is_refused_and_left_alone(stac_api, client, tmp_path):

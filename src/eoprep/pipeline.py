@@ -213,7 +213,7 @@ def run_pipeline(
     can be wrong with the input (spec, AOI, API, search, bands, an incompatible existing output) is
     checked before the first byte is written; one writer per output is enforced by a lock
     (``wait`` waits for it instead of failing). ``client`` may be a function that returns the client
-    (e.g. of a cluster still starting): it is called only once tasks are ready to go.
+    (e.g. of a cluster still starting): it is called once the spec is searched and planned.
     """
     started = time.perf_counter()
 
@@ -244,6 +244,7 @@ def run_pipeline(
     summary.chips_planned = len(plans)
     if not plans:
         raise EoprepError(f"source: no chip of the AOI has items in {spec.source.datetime}; nothing to write")
+    dask = cluster()  # before the first byte is written: a cluster that cannot start leaves no output behind
     with OutputLock(out_dir, wait=wait) if "://" not in spec.output.path else nullcontext():
         if store.exists():
             store.check_compatible(spec, layouts)
@@ -263,7 +264,7 @@ def run_pipeline(
             )
             todo = [plan for _, plan in work] + new
             slices = shard_slices(positions, todo, spec.output.chips_per_shard)
-            results = _execute(cluster(), store, layouts, slices, spec, progress)
+            results = _execute(dask, store, layouts, slices, spec, progress)
             summary.chips_written = sum(r.written for r in results)
             summary.bytes_written = sum(r.bytes_written for r in results)
             summary.skipped = [(r.id, r.reason or "") for r in results if not r.written]
