@@ -404,7 +404,7 @@ def read_chip_rows(
     engine: str,
     stored: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, RowChip]:
-    """Chips of side-by-side chips, each row of them read as one window; keyed by chip id.
+    """Side-by-side chips, each row of them read as one window, to be built on demand; keyed by chip id.
 
     An engine's cost per call and per file is paid once per row instead of once per chip (odc-stac
     spends more on that than on the pixels of a 256² chip). Rows hold chips of one CRS whose tops

@@ -253,6 +253,12 @@ _handles = threading.local()
 _MAX_OPEN = 256
 
 
+def _local_path(href: str) -> str | None:
+    """The file path of a local asset href (plain or ``file://``); None for a remote or GDAL /vsi one."""
+    path = href.removeprefix("file://")
+    return None if "://" in path or path.startswith("/vsi") else path
+
+
 def _open_cached(href: str) -> tuple[Any, int | None]:
     """A rasterio dataset per (thread, file), kept open, and the EPSG code of its CRS.
 
@@ -262,16 +268,14 @@ def _open_cached(href: str) -> tuple[Any, int | None]:
     """
     import rasterio
 
-    path = href.removeprefix("file://")
-    stamp = None
-    if "://" not in path and not path.startswith("/vsi"):
+    local = _local_path(href)
+    path, stamp = local or href, None
+    if local is not None:
         try:
-            stat = os.stat(path)
+            stat = os.stat(local)
             stamp = (stat.st_mtime_ns, stat.st_size)
         except OSError:
             pass  # rasterio's open raises its own error, naming the file
-    else:
-        path = href
     cache: OrderedDict[str, tuple[tuple[int, int] | None, Any, int | None]] = _handles.__dict__.setdefault(
         "cache", OrderedDict()
     )

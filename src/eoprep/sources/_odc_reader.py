@@ -41,7 +41,7 @@ from odc.stac import ParsedItem, parse_items
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from eoprep.sources._loaders import ChipGrid, _fill_outside, _grid_steps, _open_cached, _same, is_nodata
+from eoprep.sources._loaders import ChipGrid, _fill_outside, _grid_steps, _local_path, _open_cached, _same, is_nodata
 
 __all__ = ["CachedRioDriver", "load_odc"]
 
@@ -172,8 +172,8 @@ class _CachedRioReader(RioReader):
 def _handle(uri: str) -> tuple[Any, int | None] | None:
     """An open dataset and its EPSG code for a local file (the loaders' per-thread cache); None for anything
     else, and for a file that does not open, whose error odc-stac's own reader then raises."""
-    path = uri.removeprefix("file://")
-    if "://" in path or path.startswith("/vsi"):
+    path = _local_path(uri)
+    if path is None:
         return None
     try:
         return _open_cached(path)
