@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 
@@ -16,7 +17,7 @@ from eoprep.pipeline import run_pipeline
 torch = pytest.importorskip("torch")
 pytest.importorskip("tacotoolbox")
 
-from torch.utils.data import DataLoader, default_collate  # noqa: E402
+from torch.utils.data import DataLoader, default_collate, get_worker_info  # noqa: E402
 
 from eoprep.readers import (  # noqa: E402
     ChipDataset,
@@ -164,6 +165,40 @@ def test_collate_chips_matches_default_collate_in_one_shared_buffer(chips_out, f
     assert in_process["pixels"]["s2"].shape == (3, 8, 7, 128, 128)
     for a, b in zip(_leaves(in_process), _leaves(reference), strict=True):
         assert _same(a, b) if isinstance(b, torch.Tensor) else a == b
+
+
+def _collate_noting_segment(samples):
+    """`collate_chips`, plus the inode of the shared-memory segment the worker built the batch in."""
+    batch = collate_chips(samples)
+    fd, _size = batch["pixels"]["s2"].untyped_storage()._share_fd_cpu_()
+    batch["segment"] = (get_worker_info().id, os.fstat(fd).st_ino)
+    return batch
+
+
+def test_workers_refill_a_batch_buffer_only_once_the_main_process_dropped_it(chips_out):
+    ds = ChipIterableDataset(chips_out, format="zarr", shuffle=False)
+    expected = {s["id"]: s for s in ChipIterableDataset(chips_out, format="zarr", shuffle=False)}
+    loader = DataLoader(ds, batch_size=1, num_workers=2, persistent_workers=True, collate_fn=_collate_noting_segment)
+    kept, segments, batches = [], Counter(), 0
+
+    def check(batch):
+        sample = expected[batch["id"][0]]
+        assert all(_same(batch["pixels"][g][0], sample["pixels"][g]) for g in ("s1", "s2"))
+        assert torch.equal(batch["datetime"]["s2"][0], sample["datetime"]["s2"])
+
+    for _epoch in range(4):
+        for batch in loader:
+            check(batch)
+            segments[batch["segment"]] += 1
+            batches += 1
+            if batches % 5 == 0:
+                kept.append(batch)  # held to the end: its buffer must not be refilled meanwhile
+    for batch in kept:
+        check(batch)
+    per_worker = Counter(worker for worker, _inode in segments)
+    assert batches >= 20 and set(per_worker) == {0, 1}
+    assert all(n <= 6 + len(kept) for n in per_worker.values())  # a buffer of its own for each batch still held
+    assert max(segments.values()) >= 3  # the other batches share a few buffers
 
 
 def test_collate_chips_names_the_field_that_does_not_stack():
