@@ -110,12 +110,9 @@ def test_a_damaged_shard_index_is_refused(tmp_path):
         fmt.shard_index(bytes(raw[-fmt.index_nbytes :]))
 
 
-def test_shard_writer_takes_chips_one_by_one_from_a_reused_buffer(tmp_path):
-    from eoprep.sinks import ShardWriter
-
-    url = str(tmp_path / "s.zarr")
+def _pixels(url):
     shape = (7, 3, 2, 16, 16)
-    arr = zarr.create_array(
+    return zarr.create_array(
         url,
         name="g/pixels",
         shape=shape,
@@ -125,9 +122,18 @@ def test_shard_writer_takes_chips_one_by_one_from_a_reused_buffer(tmp_path):
         fill_value=7,
         compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
     )
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_shard_writer_takes_chips_one_by_one_from_a_reused_buffer(tmp_path, direct_io):
+    from eoprep.sinks import ShardWriter
+
+    url = str(tmp_path / "s.zarr")
+    arr = _pixels(url)
     data = _data(arr)
-    buffer = np.empty(shape[1:], dtype="uint16")
-    whole, partial = ShardWriter(url, "g", [0, 1, 2, 3]), ShardWriter(url, "g", [5, 6])  # shard 1 holds 4..6
+    buffer = np.empty(arr.shape[1:], dtype="uint16")
+    whole = ShardWriter(url, "g", [0, 1, 2, 3], direct_io=direct_io)
+    partial = ShardWriter(url, "g", [5, 6], direct_io=direct_io)  # shard 1 holds 4..6
     for writer, positions in ((whole, [3, 1, 0, 2]), (partial, [6, 5])):
         for position in positions:
             buffer[...] = data[position]
@@ -143,3 +149,18 @@ def test_shard_writer_takes_chips_one_by_one_from_a_reused_buffer(tmp_path):
     with pytest.raises(ValueError, match=r"\[1, 2, 3\] were never added"):
         short.close()
     np.testing.assert_array_equal(arr[:4], data[:4])
+
+
+def test_a_shard_written_past_the_page_cache_is_the_object_zarr_writes(tmp_path):
+    from eoprep.sinks import ShardWriter
+
+    shards = []
+    for direct_io in (False, True):
+        url = str(tmp_path / f"{direct_io}.zarr")
+        data = _data(_pixels(url))
+        writer = ShardWriter(url, "g", [0, 1, 2, 3], direct_io=direct_io)
+        for position in range(4):
+            writer.add(position, data[position])
+        assert writer.close() == (tmp_path / f"{direct_io}.zarr/g/pixels/c/0/0/0/0/0").stat().st_size
+        shards.append((tmp_path / f"{direct_io}.zarr/g/pixels/c/0/0/0/0/0").read_bytes())
+    assert shards[0] == shards[1]

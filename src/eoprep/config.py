@@ -309,6 +309,8 @@ class OutputSpec(_Model):
 
     ``format: taco`` also packs the written chips into ``.tacozip`` shards of about
     ``taco_shard_size`` under ``taco/``; the Zarr store stays the source they are made from.
+    ``direct_io`` writes whole shards of a local store past the page cache (`eoprep.sinks._direct`):
+    less CPU per byte, but each write waits for the device; turn it off on a slow disk.
     """
 
     path: str
@@ -316,6 +318,7 @@ class OutputSpec(_Model):
     codec: dict[str, Any] | None = None
     format: Literal["zarr", "taco"] = "zarr"
     taco_shard_size: str = Field("512MB", pattern=r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB)$")
+    direct_io: bool = True
 
 
 class QualitySpec(_Model):

@@ -88,6 +88,8 @@ class _LoaderOptions:
     composite: bool
     #: Read side-by-side chips row by row (scene chips from STAC sources).
     row_reads: bool
+    #: Write whole shards of a local store with O_DIRECT (``output.direct_io``).
+    direct_io: bool = False
 
 
 def process_shard(
@@ -102,7 +104,7 @@ def process_shard(
 
     store = ChipStore(store_url)
     results: list[ChipResult] = []
-    writers = {key: store.shard_writer(key, shard.positions) for key in layouts}
+    writers = {key: store.shard_writer(key, shard.positions, direct_io=options.direct_io) for key in layouts}
     stored = {
         plan.id: {key: store.read_chip(key, position) for key in layouts if plan.reuse.get(key)}
         for position, plan in zip(shard.positions, shard.plans, strict=True)
@@ -343,6 +345,7 @@ def _execute(
         on_error=spec.loader.on_error,
         composite=spec.time.mode == "composite",
         row_reads=spec.time.mode == "scenes" and spec.source.kind != "earthengine",
+        direct_io=spec.output.direct_io,
     )
     total = sum(len(s.plans) for s in slices)
     homes = _home_workers(client, [len(s.plans) for s in slices])

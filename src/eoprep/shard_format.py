@@ -123,6 +123,11 @@ class ShardFormat:
 
     def assemble(self, payloads: Sequence[bytes | None]) -> bytes | None:
         """The shard object from its chips' `encode_chip` payloads in position order (None: not stored)."""
+        parts = self.parts(payloads)
+        return None if parts is None else b"".join(parts)
+
+    def parts(self, payloads: Sequence[bytes | None]) -> list[bytes] | None:
+        """The pieces of `assemble`'s object, in order, for a writer that copies them out itself."""
         import google_crc32c
 
         index = np.full((self.chips, 2), EMPTY, dtype="<u8")
@@ -137,7 +142,7 @@ class ShardFormat:
         if not parts:
             return None
         body = index.tobytes()
-        return b"".join([*parts, body, google_crc32c.value(body).to_bytes(4, "little")])
+        return [*parts, body, google_crc32c.value(body).to_bytes(4, "little")]
 
     def _all_fill(self, chip: np.ndarray) -> bool:
         fill = self.fill_value

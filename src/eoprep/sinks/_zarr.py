@@ -33,12 +33,14 @@ import pandas as pd
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
 
 from eoprep import __version__
 from eoprep.chips import ChipPlan, ChipResult, CollectionLayout
 from eoprep.config import PipelineSpec
 from eoprep.errors import EoprepError
 from eoprep.shard_format import ShardFormat
+from eoprep.sinks._direct import write_direct
 
 __all__ = ["CHIPS_STORE", "ChipStore", "ShardWriter"]
 
@@ -244,9 +246,9 @@ class ChipStore:
         out = {name: _decoded(values, attrs) for name, (values, attrs) in zip(names, sync(read()), strict=True)}
         return None if any(v is None for v in out.values()) else out  # type: ignore[return-value]
 
-    def shard_writer(self, key: str, positions: Sequence[int]) -> ShardWriter:
+    def shard_writer(self, key: str, positions: Sequence[int], *, direct_io: bool = False) -> ShardWriter:
         """A writer for chips of one group that share a shard; used on workers, one shard at a time."""
-        return ShardWriter(self.url, key, positions)
+        return ShardWriter(self.url, key, positions, direct_io=direct_io)
 
     def read_chip(self, key: str, position: int) -> np.ndarray:
         """One stored chip (time, band, y, x), e.g. to reuse its unchanged time slots."""
@@ -315,11 +317,13 @@ class ShardWriter:
     A whole shard's chips are encoded as they arrive, so the caller can build the next chip in the
     same buffer (a worker then holds one chip's pixels per group, and never faults in fresh memory
     for each of a shard's chips), and the shard is stored as one object by `close` (zarr's stores
-    replace an object atomically). Chips of a partial shard (a refresh rewriting some of them) are
+    replace an object atomically; with ``direct_io``, a local store's shard is written past the page
+    cache, `eoprep.sinks._direct`). Chips of a partial shard (a refresh rewriting some of them) are
     copied and written through zarr. Nothing is written before `close`.
     """
 
-    def __init__(self, url: str, key: str, positions: Sequence[int]) -> None:
+    def __init__(self, url: str, key: str, positions: Sequence[int], *, direct_io: bool = False) -> None:
+        self._direct_io = direct_io
         self._arr = zarr.open_array(url, path=f"{key}/pixels", mode="r+", zarr_format=3)  # type: ignore[arg-type]
         self._positions = list(positions)
         per_shard = self._arr.shards[0]
@@ -351,11 +355,17 @@ class ShardWriter:
         if missing := [p for p in self._positions if p not in self._added]:
             raise ValueError(f"chip positions {missing} were never added")
         if self._fmt is not None:
-            blob = self._fmt.assemble(self._payloads)
-            if blob is None:
+            parts = self._fmt.parts(self._payloads)
+            if parts is None:
                 sync(self._arr.store.delete(self._key))
                 return 0
-            sync(self._arr.store.set(self._key, default_buffer_prototype().buffer.from_bytes(blob)))
+            store = self._arr.store
+            if self._direct_io and isinstance(store, LocalStore):
+                written = write_direct(store.root / self._key, parts)
+                if written is not None:
+                    return written
+            blob = b"".join(parts)
+            sync(store.set(self._key, default_buffer_prototype().buffer.from_bytes(blob)))
             return len(blob)
         start, data = self._positions[0], np.stack([self._chips[p] for p in self._positions])
         if self._positions == list(range(start, start + len(self._positions))):
