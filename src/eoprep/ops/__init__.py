@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from eoprep.ops._cron import CronSchedule
-from eoprep.ops._lock import OutputLock
+from eoprep.ops._lock import OutputLock, pid_alive
 
-__all__ = ["CronSchedule", "OutputLock"]
+__all__ = ["CronSchedule", "OutputLock", "pid_alive"]

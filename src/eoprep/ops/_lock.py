@@ -60,7 +60,7 @@ class OutputLock:
         if owner is None:
             return age > 5.0
         if owner.get("host") == socket.gethostname():
-            return not _alive(int(owner.get("pid", 0)))  # type: ignore[call-overload]
+            return not pid_alive(int(owner.get("pid", 0)))  # type: ignore[call-overload]
         return age > self.stale_after
 
     def _try_create(self) -> bool:
@@ -125,7 +125,8 @@ class OutputLock:
         self.release()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (one we may not signal counts)."""
     if pid <= 0:
         return False
     try:

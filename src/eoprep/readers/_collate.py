@@ -29,6 +29,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import get_worker_info
 
+from eoprep.ops import pid_alive
+
 __all__ = ["collate_chips"]
 
 _ALIGN = 64
@@ -184,7 +186,7 @@ def _received(batch: dict[str, Any], lease: _Lease | None) -> dict[str, Any]:
     tensor = _first_tensor(batch)
     with _leases_lock:
         if pid not in _leases:
-            for gone in [p for p in _leases if not _alive(p)]:
+            for gone in [p for p in _leases if not pid_alive(p)]:
                 del _leases[gone]
         worker = _leases.setdefault(pid, _WorkerLeases())
         if flags is not None:
@@ -205,16 +207,6 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, dict):
         return next((t for t in map(_first_tensor, value.values()) if t is not None), None)
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _plan(values: list[Any], key: str, stacks: list[_Stack]) -> Any:
