@@ -201,6 +201,22 @@ def test_workers_refill_a_batch_buffer_only_once_the_main_process_dropped_it(chi
     assert max(segments.values()) >= 3  # the other batches share a few buffers
 
 
+def test_a_released_buffer_is_flagged_to_the_worker_that_leased_it_even_when_its_pid_comes_back():
+    from eoprep.readers import _collate
+
+    pid = 4_000_000 + os.getpid()  # a worker pid other than ours
+    old, new = torch.zeros(6, dtype=torch.int32), torch.zeros(6, dtype=torch.int32)
+    held = _collate._received({"x": torch.ones(3)}, (pid, 2, old))
+    assert old.tolist() == [0] * 6  # still held here
+    again = _collate._received({"x": torch.ones(3)}, (pid, 2, new))  # a new worker under the same pid
+    del held
+    _collate._received({"x": torch.ones(3)}, (pid, 0, None))
+    assert old[2] == 1 and new[2] == 0  # the dropped batch frees the old worker's buffer, not the new one's
+    del again
+    _collate._received({"x": torch.ones(3)}, (pid, 1, None))
+    assert new[2] == 1 and new[0] == 1 and new[1] == 0
+
+
 def test_collate_chips_names_the_field_that_does_not_stack():
     a = {"pixels": {"s2": torch.zeros(2, 4, 4)}, "id": "a"}
     b = {"pixels": {"s2": torch.zeros(2, 4, 5)}, "id": "b"}

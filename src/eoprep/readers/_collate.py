@@ -21,7 +21,7 @@ import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -166,15 +166,10 @@ def _worker_buffers() -> _BatchBuffers:
     return _buffers
 
 
-@dataclass
-class _WorkerLeases:
-    """In the receiving process: one worker's flags and the buffers of its batches still held here."""
-
-    flags: torch.Tensor | None = None
-    held: list[tuple[int, StorageWeakRef]] = field(default_factory=list)
-
-
-_leases: dict[int, _WorkerLeases] = {}
+#: In the receiving process: each worker's flags (the latest a pid sent: pids get reused), and every buffer
+#: of a batch still held here, with the flags of the worker that leased it.
+_flags: dict[int, torch.Tensor] = {}
+_held: list[tuple[torch.Tensor, int, StorageWeakRef]] = []
 _leases_lock = threading.Lock()  # batches are unpickled by the DataLoader's iterator or its pin-memory thread
 
 
@@ -185,19 +180,18 @@ def _received(batch: dict[str, Any], lease: _Lease | None) -> dict[str, Any]:
     pid, slot, flags = lease
     tensor = _first_tensor(batch)
     with _leases_lock:
-        if pid not in _leases:
-            for gone in [p for p in _leases if not pid_alive(p)]:
-                del _leases[gone]
-        worker = _leases.setdefault(pid, _WorkerLeases())
         if flags is not None:
-            worker.flags = flags
-        if worker.flags is not None and tensor is not None:
-            worker.held.append((slot, StorageWeakRef(tensor.untyped_storage())))
-        for each in _leases.values():
-            for i, ref in each.held:
-                if ref.expired():
-                    each.flags[i] = 1
-            each.held = [(i, ref) for i, ref in each.held if not ref.expired()]
+            if pid not in _flags:
+                for gone in [p for p in _flags if not pid_alive(p)]:
+                    del _flags[gone]
+            _flags[pid] = flags
+        flags = _flags.get(pid)
+        if flags is not None and tensor is not None:
+            _held.append((flags, slot, StorageWeakRef(tensor.untyped_storage())))
+        for owner, index, ref in _held:
+            if ref.expired():
+                owner[index] = 1
+        _held[:] = [entry for entry in _held if not entry[2].expired()]
     return batch
 
 
