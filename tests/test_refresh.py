@@ -158,6 +158,24 @@ def test_a_reprocessed_scene_replaces_the_chips_it_touches(demo_archive, stac_se
     _assert_same_output(out, clean)
 
 
+def test_unfinished_chips_with_a_gap_between_them_in_one_shard_are_rewritten(stac_api, client, tmp_path):
+    import zarr
+
+    out = tmp_path / "out"
+    run_pipeline(make_spec(out), client=client, catalog_url=stac_api, say=_quiet)
+    root = zarr.open_group(out / "chips.zarr", mode="r+")
+    before = {key: root[f"{key}/pixels"][:] for key in ("s2", "s1")}
+    for key in ("s2", "s1"):  # as a run killed between recording chips 0 and 2 and the rest leaves them
+        written = root[f"{key}/written"][:]
+        written[[0, 2]] = False
+        root[f"{key}/written"][:] = written
+    summary = run_pipeline(make_spec(out), client=client, catalog_url=stac_api, say=_quiet)
+    assert (summary.chips_updated, summary.chips_written, summary.skipped) == (2, 2, [])
+    for key, pixels in before.items():
+        np.testing.assert_array_equal(root[f"{key}/pixels"][:], pixels)
+        assert root[f"{key}/written"][:].all()
+
+
 def test_a_locked_output_refuses_a_second_writer_and_a_stale_lock_is_broken(stac_api, client, tmp_path):
     out = tmp_path / "out"
     with OutputLock(out):

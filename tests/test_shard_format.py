@@ -133,16 +133,17 @@ def test_shard_writer_takes_chips_one_by_one_from_a_reused_buffer(tmp_path, dire
     data = _data(arr)
     buffer = np.empty(arr.shape[1:], dtype="uint16")
     whole = ShardWriter(url, "g", [0, 1, 2, 3], direct_io=direct_io)
-    partial = ShardWriter(url, "g", [5, 6], direct_io=direct_io)  # shard 1 holds 4..6
-    for writer, positions in ((whole, [3, 1, 0, 2]), (partial, [6, 5])):
+    partial = ShardWriter(url, "g", [4, 6], direct_io=direct_io)  # shard 1 holds 4..6: a gap at 5
+    for writer, positions in ((whole, [3, 1, 0, 2]), (partial, [6, 4])):
         for position in positions:
             buffer[...] = data[position]
             writer.add(position, buffer)
     assert (arr[:] == 7).all(), "written before close"
     assert whole.close() > 0 and partial.close() > 0
     np.testing.assert_array_equal(arr[:4], data[:4])
-    np.testing.assert_array_equal(arr[5:], data[5:])
-    assert (arr[4] == 7).all()
+    np.testing.assert_array_equal(arr[4], data[4])
+    np.testing.assert_array_equal(arr[6], data[6])
+    assert (arr[5] == 7).all()
 
     short = ShardWriter(url, "g", [0, 1, 2, 3])
     short.add(0, data[1])
@@ -164,3 +165,11 @@ def test_a_shard_written_past_the_page_cache_is_the_object_zarr_writes(tmp_path)
         assert writer.close() == (tmp_path / f"{direct_io}.zarr/g/pixels/c/0/0/0/0/0").stat().st_size
         shards.append((tmp_path / f"{direct_io}.zarr/g/pixels/c/0/0/0/0/0").read_bytes())
     assert shards[0] == shards[1]
+
+
+def test_consecutive_runs():
+    from eoprep.sinks import consecutive_runs
+
+    assert consecutive_runs([4, 5, 6, 9, 11, 12]) == [range(4, 7), range(9, 10), range(11, 13)]
+    assert consecutive_runs([3, 2]) == [range(3, 4), range(2, 3)]  # order kept
+    assert consecutive_runs([]) == []

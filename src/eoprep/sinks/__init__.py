@@ -12,7 +12,15 @@ from eoprep.sinks._index import (
     write_stac,
 )
 from eoprep.sinks._taco import TACO_DIR, TacoWriteResult, write_taco
-from eoprep.sinks._zarr import CHIPS_STORE, ChipState, ChipStore, ShardSlice, ShardWriter, shard_slices
+from eoprep.sinks._zarr import (
+    CHIPS_STORE,
+    ChipState,
+    ChipStore,
+    ShardSlice,
+    ShardWriter,
+    consecutive_runs,
+    shard_slices,
+)
 
 __all__ = [
     "CHIPS_STORE",
@@ -25,6 +33,7 @@ __all__ = [
     "ShardWriter",
     "TacoWriteResult",
     "atomic_write",
+    "consecutive_runs",
     "read_index",
     "shard_slices",
     "write_index",

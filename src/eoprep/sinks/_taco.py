@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from eoprep import __version__
+from eoprep.sinks._zarr import consecutive_runs
 
 __all__ = ["TACO_DIR", "TACO_PAYLOAD_CODEC", "TacoWriteResult", "taco_chip_ids", "write_taco"]
 
@@ -166,7 +167,7 @@ def _chip_samples(
     out: list[tuple[list[Any], Any, dict[str, Any]]] = []
     for lo in range(0, len(todo), _CHIPS_PER_READ):
         batch = todo[lo : lo + _CHIPS_PER_READ]
-        pixels = {k: root[f"{k}/pixels"].get_orthogonal_selection((np.array(batch),)) for k in keys}
+        pixels = {k: _chips_at(root[f"{k}/pixels"], batch) for k in keys}
         for j, i in enumerate(batch):
             c0 = coords[keys[0]]
             children = []
@@ -217,13 +218,21 @@ def _chip_samples(
             stac = STAC(
                 sample_id=c0["chip"][i],
                 crs=c0["crs"][i],
-                tensor_shape=tuple(int(n) for n in pixels[keys[0]].shape[-2:]),
+                tensor_shape=tuple(int(n) for n in pixels[keys[0]][j].shape[-2:]),
                 geotransform=tuple(float(v) for v in c0["transform"][i]),
                 time_start=_micros(c0["window_start"][i]),
                 time_end=_micros(c0["window_end"][i]),
             )
             out.append((children, stac, meta))
     return out
+
+
+def _chips_at(pixels: zarr.Array, positions: Sequence[int]) -> list[np.ndarray]:
+    """The chips at ``positions``, each run of consecutive ones read as one slice (`consecutive_runs`)."""
+    chips: list[np.ndarray] = []
+    for run in consecutive_runs(positions):
+        chips.extend(pixels[run.start : run.stop])
+    return chips
 
 
 def _coords(group: zarr.Group) -> dict[str, Any]:
@@ -294,7 +303,8 @@ def _geotiff(
 
     Integers get the horizontal predictor. Floats get none: TIFF's floating-point predictor saves
     about 8 % of an S1 payload's bytes but makes it a third slower to decode, and decoding is what
-    a training reader waits on.
+    a training reader waits on. zstd level 3 (zstd's own default) rather than GDAL's 9: an S2 chip
+    of 256² encodes in 34 ms instead of 107 ms for 4 % more bytes, and decodes as fast.
     """
     from affine import Affine
     from rasterio.io import MemoryFile
@@ -311,6 +321,7 @@ def _geotiff(
         "transform": Affine.from_gdal(*transform),
         "nodata": np.nan if np.issubdtype(arr.dtype, np.floating) else nodata,
         "compress": "zstd",
+        "zstd_level": 3,
         "predictor": 1 if np.issubdtype(arr.dtype, np.floating) else 2,
         "interleave": "band",
     }

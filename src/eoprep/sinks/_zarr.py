@@ -42,7 +42,7 @@ from eoprep.errors import EoprepError
 from eoprep.shard_format import ShardFormat
 from eoprep.sinks._direct import write_direct
 
-__all__ = ["CHIPS_STORE", "ChipStore", "ShardWriter"]
+__all__ = ["CHIPS_STORE", "ChipStore", "ShardWriter", "consecutive_runs"]
 
 CHIPS_STORE = "chips.zarr"
 _NAT = np.iinfo(np.int64).min
@@ -367,15 +367,28 @@ class ShardWriter:
             blob = b"".join(parts)
             sync(store.set(self._key, default_buffer_prototype().buffer.from_bytes(blob)))
             return len(blob)
-        start, data = self._positions[0], np.stack([self._chips[p] for p in self._positions])
-        if self._positions == list(range(start, start + len(self._positions))):
-            self._arr[start : start + len(self._positions)] = data
-        else:
-            self._arr.oindex[self._positions] = data
+        for run in consecutive_runs(self._positions):
+            self._arr[run.start : run.stop] = np.stack([self._chips[p] for p in run])
         try:
             return int(sync(self._arr.store.getsize(self._key)))
         except FileNotFoundError:
             return 0  # a shard of nothing but fill values is not stored at all
+
+
+def consecutive_runs(positions: Sequence[int]) -> list[range]:
+    """``positions`` cut into runs of consecutive positions, in order.
+
+    zarr reads and writes a run as one slice; its integer-array (orthogonal) selection read 12 chips
+    of a sharded array ~70x slower (8 s instead of 0.11 s) and fails outright on writes of positions
+    with a gap in one shard (zarr 3.1: a shape mismatch inside the sharding codec).
+    """
+    runs: list[range] = []
+    for position in positions:
+        if runs and position == runs[-1].stop:
+            runs[-1] = range(runs[-1].start, position + 1)
+        else:
+            runs.append(range(position, position + 1))
+    return runs
 
 
 def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[str, Any] | None) -> dict[str, Any]:
