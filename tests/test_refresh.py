@@ -176,6 +176,18 @@ def test_unfinished_chips_with_a_gap_between_them_in_one_shard_are_rewritten(sta
         assert root[f"{key}/written"][:].all()
 
 
+def test_chips_the_quality_rules_dropped_stay_dropped_until_the_rules_change(stac_api, client, tmp_path):
+    out = tmp_path / "out"
+    strict = make_spec(out, quality={"max_cloud": 0.0})
+    first = run_pipeline(strict, client=client, catalog_url=stac_api, say=_quiet)
+    dropped = [cid for cid, reason in first.skipped if reason.startswith("quality:")]
+    assert dropped and len(dropped) == len(first.skipped)
+    again = run_pipeline(strict, client=client, catalog_url=stac_api, say=_quiet)
+    assert (again.chips_updated, again.chips_written, again.bytes_written, again.skipped) == (0, 0, 0, [])
+    relaxed = run_pipeline(make_spec(out), client=client, catalog_url=stac_api, say=_quiet)
+    assert relaxed.chips_updated == relaxed.chips_written == len(dropped) and relaxed.skipped == []
+
+
 def test_a_locked_output_refuses_a_second_writer_and_a_stale_lock_is_broken(stac_api, client, tmp_path):
     out = tmp_path / "out"
     with OutputLock(out):

@@ -28,6 +28,7 @@ from eoprep.chips import (
     empty_chip,
     item_fingerprint,
     plan_chips,
+    quality_verdict,
     read_chip_rows,
 )
 from eoprep.config import PipelineSpec
@@ -38,6 +39,7 @@ from eoprep.runtime import ClientLike, resolve_client
 from eoprep.sinks import (
     CHIPS_STORE,
     INDEX_FILE,
+    ChipState,
     ChipStore,
     ShardSlice,
     shard_slices,
@@ -172,7 +174,6 @@ def _build_all(
             result.attempts += attempts
         # Co-registration needs every collection of the chip; quality is measured on what gets written.
         from eoprep.align import coregister_chip
-        from eoprep.chips import quality_verdict
 
         arrays, shifts = coregister_chip(arrays, layouts)
         px = plan.grid.pixel_size
@@ -288,10 +289,12 @@ def _triage(
 ) -> tuple[list[tuple[int, ChipPlan]], list[ChipPlan]]:
     """Split planned chips into (position, plan) to rewrite and plans to append; up-to-date ones drop out.
 
-    A stored chip is rewritten when it was never finished or when any collection's slot signatures
-    changed; slots whose signatures form an unchanged prefix are reused rather than read again. Not
-    under co-registration: stored slots are already corrected against that run's reference scene, and
-    correcting them again would not give what a clean run writes.
+    A stored chip is up to date when its slot signatures are unchanged and it was written, or it was
+    rated and dropped by the quality rules, which still drop it: rereading it would only drop it
+    again, and rewrite its shard. A chip never finished (reads failed, a run killed before it was
+    rated) or whose signatures changed is rewritten; slots whose signatures form an unchanged prefix
+    are reused rather than read again. Not under co-registration: stored slots are already corrected
+    against that run's reference scene, and correcting them again would not give what a clean run writes.
     """
     reusable = all(layout.align is None for layout in layouts.values())
     states = {key: store.states(key) for key in layouts}
@@ -303,13 +306,23 @@ def _triage(
         if state is None:
             new.append(plan)
             continue
-        old = {key: states[key][plan.id].inputs for key in layouts}
-        if state.written and all(old[key] == plan.inputs.get(key, []) for key in layouts):
+        old = {key: states[key][plan.id] for key in layouts}
+        unchanged = all(old[key].inputs == plan.inputs.get(key, []) for key in layouts)
+        if unchanged and (state.written or _still_dropped(old, layouts)):
             continue
         if state.written and reusable:
-            plan.reuse = {key: _common_prefix(old[key], plan.inputs.get(key, [])) for key in layouts}
+            plan.reuse = {key: _common_prefix(old[key].inputs, plan.inputs.get(key, [])) for key in layouts}
         work.append((state.position, plan))
     return work, new
+
+
+def _still_dropped(states: dict[str, ChipState], layouts: dict[str, CollectionLayout]) -> bool:
+    """Whether an unwritten chip was rated (every group has a valid fraction) and the quality rules drop it."""
+    valid = {key: state.valid_fraction for key, state in states.items()}
+    if any(np.isnan(v) for v in valid.values()):
+        return False
+    cloud = {key: state.cloud_fraction for key, state in states.items()}
+    return quality_verdict(valid, cloud, layouts) is not None
 
 
 def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:

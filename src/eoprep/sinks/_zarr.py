@@ -72,11 +72,14 @@ class ShardSlice:
 
 @dataclass(frozen=True)
 class ChipState:
-    """What the store knows of one chip: where it is, whether it was written, from which inputs."""
+    """What the store knows of one chip: where it is, whether it was written, from which inputs, and how
+    it rated (NaN until a run rated it: a chip whose reads failed, or that a run was killed before rating)."""
 
     position: int
     written: bool
     inputs: list[str]
+    valid_fraction: float = float("nan")
+    cloud_fraction: float = float("nan")
 
 
 def shard_slices(positions: Sequence[int], plans: Sequence[ChipPlan], per_shard: int) -> list[ShardSlice]:
@@ -261,13 +264,15 @@ class ChipStore:
             return {}
         g = self._root()[key]
         ids, written, inputs = g["chip"][:], g["written"][:], g["inputs"][:]
+        valid, cloud = g["valid_fraction"][:], g["cloud_fraction"][:]
         return {
-            str(cid): ChipState(i, bool(w), json.loads(str(inp)) if inp else [])
-            for i, (cid, w, inp) in enumerate(zip(ids, written, inputs, strict=True))
+            str(cid): ChipState(i, bool(w), json.loads(str(inp)) if inp else [], float(v), float(c))
+            for i, (cid, w, inp, v, c) in enumerate(zip(ids, written, inputs, valid, cloud, strict=True))
         }
 
     def reset(self, layouts: dict[str, CollectionLayout], positions: Sequence[int], plans: Sequence[ChipPlan]) -> None:
-        """Point existing chips at new inputs before they are rewritten; they read as unwritten until then."""
+        """Point existing chips at new inputs before they are rewritten; they read as unwritten and unrated
+        until then (an old rating must not pass for the new inputs' if the run is killed before it rates them)."""
         root = self._root("r+")
         for key, layout in layouts.items():
             g = root[key]
@@ -279,6 +284,8 @@ class ChipStore:
                 ("item_ids", ds["item_ids"].values),
                 ("inputs", ds["inputs"].values),
                 ("written", ds["written"].values),
+                ("valid_fraction", ds["valid_fraction"].values),
+                ("cloud_fraction", ds["cloud_fraction"].values),
             ):
                 arr = g[name]
                 current = arr[:]
