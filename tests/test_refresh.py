@@ -113,6 +113,34 @@ def test_refresh_appends_a_new_date_and_then_has_nothing_to_do(demo_archive, sta
     assert len(manifest["input_items"]["s2"]) == 7 and manifest["watermark"]
 
 
+def test_taco_shards_holding_rewritten_chips_are_replaced(demo_archive, stac_server, client, tmp_path):
+    import tacoreader
+
+    from eoprep.readers import ChipDataset
+
+    items = _collection(demo_archive, stac_server, "refresh-taco", 6)
+    out = tmp_path / "out"
+
+    def run():
+        spec = _spec(out, "refresh-taco", output__format="taco", output__taco_shard_size="2MB")
+        return run_pipeline(spec, client=client, catalog_url=stac_server.url, say=_quiet)
+
+    run()
+    old_shards = set((out / "taco").glob("*.tacozip"))
+    stac_server.load([], items[:7])
+    second = run()  # whole-series chips: the new date rewrites every chip under its old id
+    assert second.chips_updated == second.chips_written > 0
+    assert not old_shards & set((out / "taco").glob("*.tacozip"))
+    zarr_ds, taco_ds = ChipDataset(out, format="zarr"), ChipDataset(out, format="taco")
+    by_id = {taco_ds.records[j].id: j for j in range(len(taco_ds))}
+    assert sorted(by_id) == sorted(r.id for r in zarr_ds.records)
+    for i in range(len(zarr_ds)):
+        z, t = zarr_ds[i], taco_ds[by_id[zarr_ds.records[i].id]]
+        assert z["pixels"]["s2"].numpy().tobytes() == t["pixels"]["s2"].numpy().tobytes()
+    ids = tacoreader.load(str(out / "taco" / ".tacocat")).data.to_arrow().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(zarr_ds)
+
+
 def test_a_new_date_under_co_registration_gives_what_a_clean_run_gives(demo_archive, stac_server, client, tmp_path):
     """Stored slots are already corrected against their run's reference; a refresh must not correct them twice."""
     items = _collection(demo_archive, stac_server, "refresh-align", 6)

@@ -18,6 +18,7 @@ chips that are written there and not yet in a shard, and each shard is moved int
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -38,30 +39,36 @@ import zarr
 from eoprep import __version__
 from eoprep.sinks._zarr import consecutive_runs
 
-__all__ = ["TACO_DIR", "TACO_PAYLOAD_CODEC", "TacoWriteResult", "taco_chip_ids", "write_taco"]
+__all__ = ["TACO_DIR", "TACO_PAYLOAD_CODEC", "TacoWriteResult", "write_taco"]
 
 TACO_DIR = "taco"
 TACO_PAYLOAD_CODEC = "GTiff/ZSTD"
 _TACOCAT = ".tacocat"
 _CHIPS_PER_READ = 32
+#: Level-0 field with a digest of the slot signatures a chip was packed from (the Zarr ``inputs`` of every group).
+_INPUTS = "eoprep:inputs"
 
 
 @dataclass(frozen=True)
 class TacoWriteResult:
-    """What one call of `write_taco` added."""
+    """What one call of `write_taco` added, and how many stale shards it replaced."""
 
     shards: tuple[Path, ...]
     chips: int
+    replaced: int = 0
 
 
-def taco_chip_ids(taco_dir: Path) -> set[str]:
-    """Chip ids already packed into the ``.tacozip`` shards of a folder (read from each shard's level 0)."""
-    ids: set[str] = set()
+def _packed(taco_dir: Path) -> dict[Path, dict[str, str | None]]:
+    """Per ``.tacozip`` shard of a folder: its chip ids and the inputs each was packed from (from level 0;
+    None in shards written before eoprep recorded them)."""
+    packed: dict[Path, dict[str, str | None]] = {}
     for shard in sorted(taco_dir.glob("*.tacozip")):
         with zipfile.ZipFile(shard) as zf:
-            table = pq.read_table(io.BytesIO(zf.read("METADATA/level0.parquet")), columns=["id"])
-        ids.update(str(v) for v in table.column("id").to_pylist())
-    return ids
+            level0 = pq.read_table(io.BytesIO(zf.read("METADATA/level0.parquet")))
+        ids = [str(v) for v in level0.column("id").to_pylist()]
+        digests = level0.column(_INPUTS).to_pylist() if _INPUTS in level0.column_names else [None] * len(ids)
+        packed[shard] = dict(zip(ids, digests, strict=True))
+    return packed
 
 
 def write_taco(
@@ -72,7 +79,11 @@ def write_taco(
     split_size: str,
     run_id: str,
 ) -> TacoWriteResult:
-    """Pack the written chips of the Zarr store that no shard holds yet into new ``.tacozip`` shards.
+    """Pack the written chips of the Zarr store that no shard holds as they are now into new ``.tacozip`` shards.
+
+    A shard holding a chip the store has since rewritten (new scenes in a whole-series chip, a
+    re-processed scene) or no longer counts as written is replaced: its other chips are packed again
+    with the new ones, then the old shard is deleted. Shards are never modified in place.
 
     Parameters
     ----------
@@ -90,7 +101,7 @@ def write_taco(
     Returns
     -------
     TacoWriteResult
-        The new shard paths and how many chips they hold.
+        The new shard paths, how many chips they hold, and how many old shards they replaced.
     """
     import tacotoolbox
     from tacotoolbox.datamodel import Sample, Taco, Tortilla
@@ -103,11 +114,15 @@ def write_taco(
     first = root[keys[0]]
     ids = [str(v) for v in first["chip"][:]]
     written = np.logical_and.reduce([root[f"{k}/written"][:] for k in keys])
-    present = taco_chip_ids(taco_dir)
-    todo = [i for i, cid in enumerate(ids) if written[i] and cid not in present]
+    inputs = {k: [str(v) for v in root[f"{k}/inputs"][:]] for k in keys}
+    current = {ids[i]: _inputs_digest([inputs[k][i] for k in keys]) for i in range(len(ids)) if written[i]}
+    packed = _packed(taco_dir)
+    stale = [shard for shard, chips in packed.items() if any(current.get(c) != d for c, d in chips.items())]
+    kept = {c for shard, chips in packed.items() if shard not in stale for c in chips}
+    todo = [i for i, cid in enumerate(ids) if cid in current and cid not in kept]
     if not todo:
-        _consolidate(taco_dir)
-        return TacoWriteResult(shards=(), chips=0)
+        _replace(stale, [], taco_dir)
+        return TacoWriteResult(shards=(), chips=0, replaced=len(stale))
 
     staging = Path(tempfile.mkdtemp(prefix=f".partial-{run_id}-", dir=taco_dir))
     try:
@@ -132,15 +147,29 @@ def write_taco(
             made = tacotoolbox.create(
                 taco, staging / f"chips-{run_id}.tacozip", split_size=split_size, consolidate=False, temp_dir=staging
             )
-        moved = []
-        for path in made:
-            target = taco_dir / path.name
-            os.replace(path, target)
-            moved.append(target)
+        moved = _replace(stale, made, taco_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return TacoWriteResult(shards=tuple(moved), chips=len(todo), replaced=len(stale))
+
+
+def _replace(stale: Sequence[Path], made: Sequence[Path], taco_dir: Path) -> list[Path]:
+    """Move the new shards in, then delete the shards they replace, then swap the consolidated metadata:
+    a run killed in between leaves a chip in two shards, and the next run replaces the stale one."""
+    moved = []
+    for path in made:
+        target = taco_dir / path.name
+        os.replace(path, target)
+        moved.append(target)
+    for shard in stale:
+        shard.unlink(missing_ok=True)
     _consolidate(taco_dir)
-    return TacoWriteResult(shards=tuple(moved), chips=len(todo))
+    return moved
+
+
+def _inputs_digest(signatures: Sequence[str]) -> str:
+    """What a chip was built from, over all its groups (their stored slot signatures)."""
+    return hashlib.sha1("\x1f".join(signatures).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -209,6 +238,7 @@ def _chip_samples(
                 )
                 children.append(child)
             meta = {
+                _INPUTS: _inputs_digest([coords[k]["inputs"][i] for k in keys]),
                 "eoprep:chip_id": c0["chip"][i],
                 "eoprep:cell": c0["cell"][i],
                 "eoprep:zarr_index": int(i),
@@ -246,6 +276,7 @@ def _coords(group: zarr.Group) -> dict[str, Any]:
         "crs": texts("crs"),
         "footprint": texts("footprint"),
         "item_ids": texts("item_ids"),
+        "inputs": texts("inputs"),
         "transform": group["transform"][:],
         "datetime": _times(group["datetime"]),
         "window_start": _times(group["window_start"]),
