@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from eoprep.embed._spec import EmbedSpec
 from eoprep.embed._store import FeatureStore
 from eoprep.errors import EoprepError
 from eoprep.runtime import ClientLike, resolve_client
+from eoprep.sinks import consecutive_runs
 
 __all__ = ["EmbedSummary", "EncodeTask", "embed", "encode_chips"]
 
@@ -101,17 +102,6 @@ def _prepared(task: EncodeTask) -> tuple[torch.nn.Module, ChipDecoder, torch.dev
     return _MODELS[key]
 
 
-def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
-    """Consecutive runs ``[start, stop)`` of sorted positions, so each read is one slice."""
-    out: list[tuple[int, int]] = []
-    for p in positions:
-        if out and out[-1][1] == p:
-            out[-1] = (out[-1][0], p + 1)
-        else:
-            out.append((p, p + 1))
-    return out
-
-
 def _host_tensor(values: np.ndarray) -> tuple[torch.Tensor, int]:
     """Raw chip values as a tensor torch can copy: unsigned integers are viewed as signed of the same width."""
     signed = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32, np.dtype(np.uint64): np.int64}
@@ -130,7 +120,7 @@ def _batches(task: EncodeTask, batch_size: int, pin: bool) -> Iterator[tuple[tor
 
     def read(chunk: tuple[list[int], np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, int]:
         pos, m = chunk
-        values = np.concatenate([arr[a:b] for a, b in _runs(pos)])
+        values = np.concatenate([arr[run.start : run.stop] for run in consecutive_runs(pos)])
         raw, _ = _host_tensor(values)
         meta_t = torch.from_numpy(m)
         if pin:
