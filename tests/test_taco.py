@@ -96,3 +96,19 @@ def test_a_wider_run_appends_new_shards_and_keeps_the_old_ones(taco_run, stac_ap
     assert {p: p.read_bytes() for p in before} == before
     ids = tacoreader.load(str(out / "taco" / ".tacocat")).data.to_arrow().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == summary.chips_written + extended.chips_written
+
+
+def test_a_shard_that_does_not_read_is_replaced_by_its_chips_packed_again(taco_run, tmp_path):
+    import shutil
+
+    from eoprep.sinks import write_taco
+
+    out = taco_run[2]
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    broken = sorted((copy / "taco").glob("*.tacozip"))[0]
+    broken.write_bytes(broken.read_bytes()[:1000])  # truncated
+    result = write_taco(copy, str(copy / "chips.zarr"), name="test", split_size="3MB", run_id="repair")
+    assert result.replaced == 1 and result.chips > 0 and not broken.exists()
+    ids = tacoreader.load(str(copy / "taco" / ".tacocat")).data.to_arrow().column("id").to_pylist()
+    assert sorted(ids) == sorted(_zarr_chips(copy)[1])

@@ -277,7 +277,11 @@ def run_pipeline(
         if work or new or not (out_dir / INDEX_FILE).exists():
             table = write_index(out_dir, store.url)
             if spec.output.format == "taco":
-                write_taco(out_dir, store.url, name=spec.name, split_size=spec.output.taco_shard_size, run_id=run_id)
+                packed = write_taco(
+                    out_dir, store.url, name=spec.name, split_size=spec.output.taco_shard_size, run_id=run_id
+                )
+                if packed.replaced:
+                    say(f"taco: replaced {packed.replaced} shard(s) that held rewritten chips or did not read")
             write_stac(out_dir, table, name=spec.name, spec_hash=spec.spec_hash())
         summary.seconds = time.perf_counter() - started
         write_manifest(out_dir, run_id, _manifest(spec, summary, items, layouts))

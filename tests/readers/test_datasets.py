@@ -217,6 +217,14 @@ def test_a_released_buffer_is_flagged_to_the_worker_that_leased_it_even_when_its
     assert new[2] == 1 and new[0] == 1 and new[1] == 0
 
 
+def test_an_output_directory_whose_name_ends_in_taco_is_an_output_not_its_taco_folder(chips_out, tmp_path):
+    out = tmp_path / "demo-taco"
+    shutil.copytree(chips_out, out)
+    ids = sorted(r.id for r in ChipDataset(chips_out, format="taco").records)
+    for path, fmt in ((out, "taco"), (out, "auto"), (out / "taco", "auto"), (f"file://{out}", "taco")):
+        assert sorted(r.id for r in ChipDataset(str(path), format=fmt).records) == ids
+
+
 def test_collate_chips_names_the_field_that_does_not_stack():
     a = {"pixels": {"s2": torch.zeros(2, 4, 4)}, "id": "a"}
     b = {"pixels": {"s2": torch.zeros(2, 4, 5)}, "id": "b"}

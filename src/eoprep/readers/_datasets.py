@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from eoprep._malloc import tune_malloc
 from eoprep.errors import EoprepError
-from eoprep.readers._sources import ChipRecord, ShardError, open_source
+from eoprep.readers._sources import ChipRecord, ShardError, names_store, names_taco_folder, open_source
 
 __all__ = ["ChipDataset", "ChipIterableDataset", "ChipSampler", "epoch_order", "partition"]
 
@@ -167,7 +167,7 @@ def _tune_worker() -> None:
 
 def _output_dir(path: str, source_url: str) -> str:
     url = source_url.rstrip("/")
-    return url.rsplit("/", 1)[0] if url.endswith((".zarr", "taco")) else path
+    return url.rsplit("/", 1)[0] if names_store(url) or names_taco_folder(url) else path
 
 
 def _read_features(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, np.ndarray]:

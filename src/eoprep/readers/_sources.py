@@ -352,6 +352,17 @@ def _taco_times(row: Mapping[str, Any]) -> np.ndarray:
     return _micros(np.array(values, dtype="datetime64[us]"))
 
 
+def names_store(url: str) -> bool:
+    """Whether ``url`` points at a Zarr store (``….zarr``) rather than at the output directory holding it."""
+    return url.rstrip("/").rsplit("/", 1)[-1].endswith(".zarr")
+
+
+def names_taco_folder(url: str) -> bool:
+    """Whether ``url`` points at an output's ``taco`` folder: by its whole name, as an output directory
+    may well end in "taco" itself (``out/demo-taco``)."""
+    return url.rstrip("/").rsplit("/", 1)[-1] == "taco"
+
+
 def open_source(
     path: str,
     *,
@@ -367,9 +378,9 @@ def open_source(
     url = str(path).rstrip("/")
     options = dict(storage_options or {})
     if format == "auto":
-        if url.endswith(".zarr"):
+        if names_store(url):
             format = "zarr"
-        elif url.endswith("taco"):
+        elif names_taco_folder(url):
             format = "taco"
         else:
             fs, root = fsspec.core.url_to_fs(url, **options)
@@ -380,7 +391,7 @@ def open_source(
             else:
                 raise EoprepError(f"{url}: neither chips.zarr nor taco/.tacocat here; is it an eoprep output?")
     if format == "zarr":
-        return ZarrSource(url if url.endswith(".zarr") else _join(url, "chips.zarr"), storage_options=options)
+        return ZarrSource(url if names_store(url) else _join(url, "chips.zarr"), storage_options=options)
     if format == "taco":
-        return TacoSource(url if url.endswith("taco") else _join(url, "taco"), storage_options=options)
+        return TacoSource(url if names_taco_folder(url) else _join(url, "taco"), storage_options=options)
     raise EoprepError(f"format must be 'auto', 'zarr' or 'taco', got {format!r}")

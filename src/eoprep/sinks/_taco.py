@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
@@ -58,13 +59,18 @@ class TacoWriteResult:
     replaced: int = 0
 
 
-def _packed(taco_dir: Path) -> dict[Path, dict[str, str | None]]:
+def _packed(taco_dir: Path) -> dict[Path, dict[str, str | None] | None]:
     """Per ``.tacozip`` shard of a folder: its chip ids and the inputs each was packed from (from level 0;
-    None in shards written before eoprep recorded them)."""
-    packed: dict[Path, dict[str, str | None]] = {}
+    None in shards written before eoprep recorded them). A shard that does not read (truncated, not a
+    zip) is None: it is replaced, and the store's chips it held are packed again."""
+    packed: dict[Path, dict[str, str | None] | None] = {}
     for shard in sorted(taco_dir.glob("*.tacozip")):
-        with zipfile.ZipFile(shard) as zf:
-            level0 = pq.read_table(io.BytesIO(zf.read("METADATA/level0.parquet")))
+        try:
+            with zipfile.ZipFile(shard) as zf:
+                level0 = pq.read_table(io.BytesIO(zf.read("METADATA/level0.parquet")))
+        except (OSError, KeyError, zipfile.BadZipFile, pa.ArrowException):
+            packed[shard] = None
+            continue
         ids = [str(v) for v in level0.column("id").to_pylist()]
         digests = level0.column(_INPUTS).to_pylist() if _INPUTS in level0.column_names else [None] * len(ids)
         packed[shard] = dict(zip(ids, digests, strict=True))
@@ -117,8 +123,8 @@ def write_taco(
     inputs = {k: [str(v) for v in root[f"{k}/inputs"][:]] for k in keys}
     current = {ids[i]: _inputs_digest([inputs[k][i] for k in keys]) for i in range(len(ids)) if written[i]}
     packed = _packed(taco_dir)
-    stale = [shard for shard, chips in packed.items() if any(current.get(c) != d for c, d in chips.items())]
-    kept = {c for shard, chips in packed.items() if shard not in stale for c in chips}
+    stale = [s for s, chips in packed.items() if chips is None or any(current.get(c) != d for c, d in chips.items())]
+    kept = {c for shard, chips in packed.items() if chips is not None and shard not in stale for c in chips}
     todo = [i for i, cid in enumerate(ids) if cid in current and cid not in kept]
     if not todo:
         _replace(stale, [], taco_dir)
