@@ -133,7 +133,8 @@ def write_taco(
     staging = Path(tempfile.mkdtemp(prefix=f".partial-{run_id}-", dir=taco_dir))
     try:
         samples = []
-        for i, (children, stac, meta) in zip(todo, _chip_samples(root, keys, todo, staging, Sample), strict=True):
+        built = _chip_samples(root, keys, todo, current, staging, Sample)
+        for i, (children, stac, meta) in zip(todo, built, strict=True):
             sample = Sample(id=ids[i], path=Tortilla(samples=children))
             sample.extend_with(stac)
             sample.extend_with(meta)
@@ -193,9 +194,15 @@ def _quiet_tacotoolbox() -> Iterator[None]:
 
 
 def _chip_samples(
-    root: zarr.Group, keys: Sequence[str], todo: Sequence[int], staging: Path, sample_cls: Any
+    root: zarr.Group,
+    keys: Sequence[str],
+    todo: Sequence[int],
+    digests: dict[str, str],
+    staging: Path,
+    sample_cls: Any,
 ) -> list[tuple[list[Any], Any, dict[str, Any]]]:
-    """Level-1 samples (one GeoTIFF per collection) and level-0 metadata of each chip to pack."""
+    """Level-1 samples (one GeoTIFF per collection) and level-0 metadata of each chip to pack
+    (``digests``: each chip's `_inputs_digest`, by id)."""
     from tacotoolbox.sample.extensions.stac import STAC
 
     coords = {k: _coords(root[k]) for k in keys}
@@ -244,7 +251,7 @@ def _chip_samples(
                 )
                 children.append(child)
             meta = {
-                _INPUTS: _inputs_digest([coords[k]["inputs"][i] for k in keys]),
+                _INPUTS: digests[c0["chip"][i]],
                 "eoprep:chip_id": c0["chip"][i],
                 "eoprep:cell": c0["cell"][i],
                 "eoprep:zarr_index": int(i),
@@ -282,7 +289,6 @@ def _coords(group: zarr.Group) -> dict[str, Any]:
         "crs": texts("crs"),
         "footprint": texts("footprint"),
         "item_ids": texts("item_ids"),
-        "inputs": texts("inputs"),
         "transform": group["transform"][:],
         "datetime": _times(group["datetime"]),
         "window_start": _times(group["window_start"]),
