@@ -188,10 +188,13 @@ def _received(batch: dict[str, Any], lease: _Lease | None) -> dict[str, Any]:
         flags = _flags.get(pid)
         if flags is not None and tensor is not None:
             _held.append((flags, slot, StorageWeakRef(tensor.untyped_storage())))
+        still = []
         for owner, index, ref in _held:
             if ref.expired():
                 owner[index] = 1
-        _held[:] = [entry for entry in _held if not entry[2].expired()]
+            else:
+                still.append((owner, index, ref))
+        _held[:] = still
     return batch
 
 
