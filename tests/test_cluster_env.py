@@ -41,3 +41,14 @@ def test_workers_reuse_freed_chip_buffers_instead_of_faulting_them_in_again(clie
 def test_workers_read_files_with_the_gdal_settings(client):
     for worker, env in client.run(lambda: {name: os.environ.get(name) for name in WORKER_ENV}).items():
         assert env == WORKER_ENV, worker
+
+
+def _stac_hooks_found() -> bool:
+    import pystac
+
+    return pystac.EXTENSION_HOOKS._discovered
+
+
+def test_workers_start_with_pystac_extension_hooks_found(client):
+    # Found on a process's first item parse by scanning entry points; a worker's first shard waited for it.
+    assert all(client.run(_stac_hooks_found).values())

@@ -109,6 +109,63 @@ def test_index_columns_read_in_one_pass_equal_what_xarray_decodes(demo_run):
     assert padded, "no padded (NaT) time slot: the fill value's decoding was not exercised"
 
 
+def _xarray_allocation(url: str, attrs, spec, layouts, plans, codecs) -> None:
+    """The store as xarray's ``to_zarr(compute=False)`` creates it from the same datasets and encodings."""
+    from eoprep.sinks._zarr import _encoding, _lazy_pixels, _metadata_dataset
+
+    zarr.open_group(url, mode="w", zarr_format=3, attributes=attrs)
+    for key, layout in layouts.items():
+        encoding = _encoding(layout, plans[0].grid.size, spec.output.chips_per_shard, (codecs or {}).get(key))
+        _lazy_pixels(_metadata_dataset(plans, layout)).to_zarr(
+            url,
+            group=key,
+            mode="w-",
+            compute=False,
+            zarr_format=3,
+            consolidated=False,
+            encoding=encoding,
+            safe_chunks=False,
+        )
+
+
+def _same_files(ours: Path, theirs: Path) -> None:
+    """The two stores hold the same objects: equal metadata documents, equal chunk bytes."""
+    files = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file()) == files
+    for name in files:
+        if name.name == "zarr.json":
+            assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+        else:
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("codec", [None, {"name": "zstd", "level": 5}, {"name": "lerc", "max_error": 0.5}])
+def test_a_store_is_created_and_extended_as_xarray_would_write_it(stac_api, tmp_path, monkeypatch, codec):
+    from eoprep.chips import collection_layout, plan_chips
+    from eoprep.grid import GlobalGrid
+    from eoprep.pipeline import _zarr_codecs
+    from eoprep.sinks import ChipStore
+    from eoprep.sources import aoi_geometry, search_items
+
+    spec = make_spec(tmp_path / "unused", output__codec=codec)  # S2 uint16 and S1 float32 with NaN nodata
+    grid = GlobalGrid(cell_size=spec.grid.cell_size, pixel_size=spec.grid.pixel_size)
+    aoi = aoi_geometry(spec.source.aoi)
+    items = search_items(spec.source, url=stac_api, aoi=aoi)
+    layouts = {c.key: collection_layout(spec, c, items[c.key]) for c in spec.source.collections}
+    plans, _ = plan_chips(spec, grid, grid.cells_in_geometry(aoi), items, layouts)
+    codecs, half = _zarr_codecs(spec, layouts), len(plans) // 2
+    ours, theirs = tmp_path / "eoprep.zarr", tmp_path / "xarray.zarr"
+    assert ChipStore(str(ours)).allocate(spec, layouts, plans[:half], codecs) == range(half)
+    _xarray_allocation(str(theirs), dict(zarr.open_group(str(ours)).attrs), spec, layouts, plans[:half], codecs)
+    _same_files(ours, theirs)
+    assert any("coordinates" in json.loads((ours / k / "zarr.json").read_text())["attributes"] for k in layouts)
+
+    assert ChipStore(str(ours)).allocate(spec, layouts, plans[half:], codecs) == range(half, len(plans))
+    monkeypatch.setattr(ChipStore, "_append", lambda *_: False)  # as for a store it cannot append to: xarray
+    ChipStore(str(theirs)).allocate(spec, layouts, plans[half:], codecs)
+    _same_files(ours, theirs)
+
+
 def test_cloud_fraction_follows_scl(demo_run):
     _, _, out = demo_run
     ds = xr.open_zarr(out / "chips.zarr", group="s2")

@@ -45,8 +45,8 @@ WORKER_ENV = {
 
 
 class _Preload(WorkerPlugin):
-    """Tune malloc and import the readers when a worker starts (on a LocalCluster or a cluster joined with
-    ``--scheduler``), so the first chip does not pay seconds of imports."""
+    """Tune malloc, import the readers and warm them up when a worker starts (on a LocalCluster or a cluster
+    joined with ``--scheduler``), so the first chip does not pay seconds of imports."""
 
     name = "eoprep-preload"
 
@@ -57,6 +57,9 @@ class _Preload(WorkerPlugin):
         import zarr  # noqa: F401
 
         import eoprep.pipeline  # noqa: F401
+        from eoprep.sources import warm_up_readers
+
+        warm_up_readers()
 
 
 @contextmanager

@@ -161,34 +161,65 @@ class ChipStore:
                 "eoprep:grid": {"cell_size": spec.grid.cell_size, "pixel_size": spec.grid.pixel_size},
                 "eoprep:spec_name": spec.name,
             }
-            zarr.open_group(self.url, mode="a", zarr_format=3, attributes=root_attrs)  # type: ignore[arg-type]
+            size, per_shard = plans[0].grid.size, spec.output.chips_per_shard
+            self._create(
+                root_attrs,
+                {
+                    key: (_metadata_dataset(plans, layout), _encoding(layout, size, per_shard, (codecs or {}).get(key)))
+                    for key, layout in layouts.items()
+                },
+            )
+            return range(0, len(plans))
         for key, layout in layouts.items():
-            ds = _metadata_dataset(plans, layout)
-            if n0 == 0:
-                encoding = _encoding(layout, plans[0].grid.size, spec.output.chips_per_shard, (codecs or {}).get(key))
-                ds.to_zarr(
+            ds = _metadata_dataset(plans, layout).drop_vars(["band", "scale", "offset"])
+            if not self._append(key, ds, n0):
+                _lazy_pixels(ds).to_zarr(
                     self.url,
                     group=key,
-                    mode="w-",
+                    mode="a",
+                    append_dim="chip",
                     compute=False,
-                    zarr_format=3,
                     consolidated=False,
-                    encoding=encoding,
                     safe_chunks=False,
                 )
-            else:
-                ds = ds.drop_vars(["band", "scale", "offset"])
-                if not self._append(key, ds, n0):
-                    ds.to_zarr(
-                        self.url,
-                        group=key,
-                        mode="a",
-                        append_dim="chip",
-                        compute=False,
-                        consolidated=False,
-                        safe_chunks=False,
-                    )
         return range(n0, n0 + len(plans))
+
+    def _create(self, root_attrs: dict[str, Any], groups: dict[str, tuple[xr.Dataset, dict[str, Any]]]) -> None:
+        """Create the root and one group per collection, their arrays and values, in one pass of concurrent
+        zarr calls; the pixels get metadata only (the tasks write them).
+
+        What xarray's ``to_zarr(compute=False)`` writes, array for array (tested), without its ~70 round
+        trips to zarr's event loop, one per array created, filled or annotated: 0.15-0.2 s on the client
+        while every worker waited for its first chip.
+        """
+        from zarr.api.asynchronous import open_group
+        from zarr.core.sync import sync
+
+        async def create_group(root: zarr.AsyncGroup, key: str, ds: xr.Dataset, encoding: dict[str, Any]) -> None:
+            group = await root.create_group(key, attributes=_group_attrs(ds))
+            specs = {
+                name: _array_spec(
+                    ds[name].variable,
+                    encoding.get(name, {}),
+                    _coordinates_of(ds, ds[name]) if name in ds.data_vars else (),
+                )
+                for name in ds.variables
+            }
+            names = list(specs)
+            arrays = await asyncio.gather(*(group.create_array(name, **specs[name][0]) for name in names))
+            await asyncio.gather(
+                *(
+                    arr.setitem(slice(None), specs[name][1])
+                    for name, arr in zip(names, arrays, strict=True)
+                    if name != "pixels"
+                )
+            )
+
+        async def create() -> None:
+            root = await open_group(self.url, mode="a", zarr_format=3, attributes=root_attrs)
+            await asyncio.gather(*(create_group(root, key, ds, enc) for key, (ds, enc) in groups.items()))
+
+        sync(create())
 
     def _append(self, key: str, ds: xr.Dataset, n0: int) -> bool:
         """Append ``ds`` along ``chip`` to the group's arrays in one pass of concurrent zarr calls.
@@ -414,6 +445,45 @@ def _encoding(layout: CollectionLayout, size: int, per_shard: int, codec: dict[s
     }
 
 
+#: xarray's encoding of a NaN ``_FillValue`` attribute in Zarr v3 (base64 of the float64 NaN's bytes).
+_NAN_FILL_ATTR = "AAAAAAAA+H8="
+
+
+def _group_attrs(ds: xr.Dataset) -> dict[str, Any]:
+    """The group's ``coordinates``: coordinates the data variables cannot list, lacking one of their dims."""
+    listed = {name for var in ds.data_vars.values() for name in _coordinates_of(ds, var)}
+    rest = sorted(name for name in ds.coords if name not in ds.dims and name not in listed)
+    return {"coordinates": " ".join(rest)} if rest else {}
+
+
+def _coordinates_of(ds: xr.Dataset, var: xr.DataArray) -> list[str]:
+    """The non-dimension coordinates xarray lists in ``var``'s ``coordinates`` attribute: those on its dims."""
+    return sorted(name for name, c in ds.coords.items() if name not in ds.dims and set(c.dims) <= set(var.dims))
+
+
+def _array_spec(
+    var: xr.Variable, encoding: dict[str, Any], coordinates: Sequence[str] = ()
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """``create_array`` arguments and the values to store for one variable, encoded as xarray encodes it
+    (CF time units with NaT as ``_FillValue``, NaN fill for floats, variable-length strings)."""
+    attrs = dict(var.attrs)
+    kwargs: dict[str, Any] = {"shape": var.shape, "dimension_names": var.dims, "dtype": var.dtype}
+    values: np.ndarray | None = var.values
+    if var.dtype.kind == "M":
+        attrs.update(units=encoding["units"], calendar="proleptic_gregorian", _FillValue=int(encoding["_FillValue"]))
+        kwargs["dtype"] = np.dtype(encoding["dtype"])
+        values = _encoded(xr.DataArray(var), attrs)
+    elif var.dtype.kind == "O":
+        kwargs["dtype"] = str
+    elif var.dtype.kind == "f":
+        kwargs["fill_value"] = np.nan
+        attrs["_FillValue"] = _NAN_FILL_ATTR
+    if "chunks" in encoding:
+        kwargs.update(encoding)
+    kwargs["attributes"] = {**attrs, **({"coordinates": " ".join(coordinates)} if coordinates else {})}
+    return kwargs, values
+
+
 #: The arrays besides the pixels that a run reads and updates (`check_compatible`, `states`, `reset`, `record`).
 _STATE_ARRAYS = (
     "chip", "band", "written", "inputs", "item_ids", "datetime", "valid_fraction", "cloud_fraction",
@@ -492,10 +562,14 @@ def _time_encoding(attrs: dict[str, Any]) -> tuple[int, int] | None:
     return _TIME_UNITS[unit], int(fill)
 
 
-def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:
-    """Coordinates of the planned chips, with a lazy (never computed) pixel variable to shape the array."""
-    import dask.array as da
+def _lazy_pixels(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with its pixels as a dask array, so that xarray's ``to_zarr(compute=False)`` does not store them."""
+    return ds.assign(pixels=ds["pixels"].chunk({"chip": 1}))
 
+
+def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr.Dataset:
+    """Coordinates of the planned chips, with a pixel variable that only shapes the array: the fill value
+    broadcast (no memory), never stored; xarray gets it as a lazy array (`_lazy_pixels`)."""
     n, size = len(plans), plans[0].grid.size
     times = np.full((n, layout.n_time), np.datetime64("NaT"), dtype="datetime64[ns]")
     for i, plan in enumerate(plans):
@@ -504,7 +578,7 @@ def _metadata_dataset(plans: Sequence[ChipPlan], layout: CollectionLayout) -> xr
                 times[i, t] = _naive_utc(slot.time)
     offsets = np.arange(size) + 0.5
     shape = (n, layout.n_time, len(layout.bands), size, size)
-    pixels = da.zeros(shape, dtype=layout.dtype, chunks=(1, *shape[1:]))
+    pixels = np.broadcast_to(np.array(layout.nodata, dtype=layout.dtype), shape)
     attrs = {
         "collection": layout.collection,
         "nodata": layout.nodata,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eoprep.sources._earthengine import earthengine_cube, search_earthengine
-from eoprep.sources._loaders import ChipGrid, is_nodata, read_items
+from eoprep.sources._loaders import ChipGrid, is_nodata, read_items, warm_up_readers
 from eoprep.sources._stac import aoi_geometry, search_items
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "read_items",
     "search_earthengine",
     "search_items",
+    "warm_up_readers",
 ]

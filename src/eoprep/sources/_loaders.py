@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChipGrid", "is_nodata", "read_items"]
+__all__ = ["ChipGrid", "is_nodata", "read_items", "warm_up_readers"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,43 @@ class ChipGrid:
         from odc.geo.geobox import GeoBox
 
         return GeoBox.from_bbox(self.bounds, crs=self.crs, resolution=self.pixel_size)
+
+
+#: A minimal item in the form the pipeline's sources have (STAC 1.1, proj/raster/eo extensions), for `warm_up`.
+_WARM_UP_ITEM: dict[str, Any] = {
+    "type": "Feature",
+    "stac_version": "1.1.0",
+    "stac_extensions": [
+        "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+        "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+        "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
+    ],
+    "id": "eoprep-warm-up",
+    "geometry": {"type": "Polygon", "coordinates": [[[9, 45], [9.1, 45], [9.1, 45.1], [9, 45.1], [9, 45]]]},
+    "bbox": [9, 45, 9.1, 45.1],
+    "properties": {"datetime": "2024-01-01T00:00:00Z", "proj:code": "EPSG:32632"},
+    "links": [],
+    "assets": {
+        "B02": {
+            "href": "file:///eoprep-warm-up/B02.tif",
+            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+            "roles": ["data"],
+            "proj:shape": [1000, 1000],
+            "proj:transform": [10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0],
+            "raster:bands": [{"nodata": 0, "data_type": "uint16"}],
+        }
+    },
+}
+
+
+def warm_up_readers() -> None:
+    """Parse an item once as a worker starts: the first parse in a process has pystac look up its
+    extension hooks in every installed package's entry points (0.05-0.08 s in a Dask worker), which
+    each worker's first shard used to wait for."""
+    import pystac
+    from odc.stac import parse_items
+
+    list(parse_items([pystac.Item.from_dict(_WARM_UP_ITEM)]))
 
 
 def read_items(
