@@ -7,8 +7,11 @@ import os
 import resource
 
 import numpy as np
+import pytest
 
-from eoprep.runtime._cluster import WORKER_ENV
+from eoprep.errors import EoprepError
+from eoprep.runtime import dask_client
+from eoprep.runtime._cluster import HEAP_ENV, WORKER_ENV
 
 
 def _faults_of_reallocated_buffers() -> int:
@@ -52,3 +55,25 @@ def _stac_hooks_found() -> bool:
 def test_workers_start_with_pystac_extension_hooks_found(client):
     # Found on a process's first item parse by scanning entry points; a worker's first shard waited for it.
     assert all(client.run(_stac_hooks_found).values())
+
+
+def _faults_of_touching_128_mb() -> int:
+    from eoprep._malloc import pretouch_heap
+
+    return pretouch_heap(128)
+
+
+@pytest.mark.parametrize("heap_mb", ["256", "0"])
+def test_a_fresh_worker_starts_with_its_task_heap_touched(monkeypatch, heap_mb):
+    # ~32,800 faults for 128 MB of fresh pages; the first shard of a worker faulted in ~170 MB.
+    monkeypatch.setenv(HEAP_ENV, heap_mb)
+    with dask_client(workers=1, say=lambda _m: None) as fresh:
+        faults = fresh.submit(_faults_of_touching_128_mb, pure=False).result()
+    assert faults < 3000 if heap_mb != "0" else faults > 30000, faults
+
+
+def test_a_bad_heap_setting_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setenv(HEAP_ENV, "lots")
+    with pytest.raises(EoprepError, match=f"^{HEAP_ENV}: 'lots' is not a whole number of MB$"):
+        with dask_client(workers=1, say=lambda _m: None):
+            pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -9,10 +10,11 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
-from eoprep._malloc import tune_malloc
+from eoprep._malloc import pretouch_heap, tune_malloc
 from eoprep.errors import EoprepError
 
 __all__ = ["ClientLike", "dask_client", "dask_client_in_background", "resolve_client"]
@@ -44,14 +46,23 @@ WORKER_ENV = {
 }
 
 
+#: MB of heap each worker's task thread touches as it starts (`eoprep._malloc.pretouch_heap`); the
+#: environment variable sets it per worker, 0 turns it off. 256 MB is about what the first shard of
+#: ``benchmarks/pipeline_throughput.py`` faults in (GDAL's 128 MB block cache, rows and chips of 256²);
+#: an idle worker holds it, a busy one uses it anyway.
+HEAP_ENV = "EOPREP_WORKER_HEAP_MB"
+DEFAULT_HEAP_MB = 256
+
+
 class _Preload(WorkerPlugin):
-    """Tune malloc, import the readers and warm them up when a worker starts (on a LocalCluster or a cluster
-    joined with ``--scheduler``), so the first chip does not pay seconds of imports."""
+    """Tune malloc, import the readers and warm them up when a worker starts (on a LocalCluster or a
+    cluster joined with ``--scheduler``), so the first chip does not pay seconds of imports, nor the
+    page faults of a fresh heap."""
 
     name = "eoprep-preload"
 
-    def setup(self, worker: object) -> None:
-        tune_malloc()
+    async def setup(self, worker: Any) -> None:
+        tuned = tune_malloc()
         import odc.stac  # noqa: F401
         import rasterio  # noqa: F401
         import zarr  # noqa: F401
@@ -60,6 +71,18 @@ class _Preload(WorkerPlugin):
         from eoprep.sources import warm_up_readers
 
         warm_up_readers()
+        mb = _heap_mb()
+        if tuned and mb:
+            # In the thread that runs the tasks: each thread allocates from its own malloc arena.
+            await asyncio.wrap_future(worker.executors["default"].submit(pretouch_heap, mb))
+
+
+def _heap_mb() -> int:
+    value = os.environ.get(HEAP_ENV, "")
+    try:
+        return max(0, int(value)) if value.strip() else DEFAULT_HEAP_MB
+    except ValueError:
+        raise EoprepError(f"{HEAP_ENV}: {value!r} is not a whole number of MB") from None
 
 
 @contextmanager
@@ -71,6 +94,7 @@ def dask_client(
     Processes, not threads: the chip tasks hold the GIL in numpy/GDAL glue, and process workers
     exercise pickling and worker environments the way a real cluster does.
     """
+    _heap_mb()  # a bad setting fails here, in one line, not in every worker's plugin
     if scheduler:
         try:
             client = Client(scheduler, timeout="15s")
