@@ -7,12 +7,14 @@ import resource
 
 __all__ = ["pretouch_heap", "tune_malloc"]
 
-#: mallopt's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD. With glibc's defaults (and Dask's 64 KiB trim threshold,
-#: which also pins the mmap threshold at 128 KiB) every chip-sized buffer is a fresh mapping whose pages fault
-#: in again: about 400,000 page faults per 80 chips of 256² in one Dask worker (tasks 1.45x slower), and half
-#: of a TACO DataLoader worker's page faults. With these, buffers up to 64 MiB come from the heap, and up to
-#: 256 MiB of freed heap (a shard's or a batch's working set) stays for the next one.
-_MALLOPT = {-3: 64 * 2**20, -1: 256 * 2**20}
+#: mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD and M_TOP_PAD. With glibc's defaults (and Dask's 64 KiB trim
+#: threshold, which also pins the mmap threshold at 128 KiB) every chip-sized buffer is a fresh mapping whose
+#: pages fault in again: about 400,000 page faults per 80 chips of 256² in one Dask worker (tasks 1.45x
+#: slower), and half of a TACO DataLoader worker's page faults. With these, buffers up to 64 MiB come from the
+#: heap, and up to 256 MiB of freed heap (a shard's or a batch's working set) stays for the next one. The top
+#: pad is what keeps it in a thread's own arena (Dask runs tasks in a thread): glibc gives a non-main arena's
+#: wholly free 64 MiB heaps back to the system unless the pad is larger, whatever the trim threshold.
+_MALLOPT = {-3: 64 * 2**20, -1: 256 * 2**20, -2: 256 * 2**20}
 
 
 def tune_malloc() -> bool:

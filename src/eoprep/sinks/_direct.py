@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 __all__ = ["write_direct"]
 
@@ -25,7 +26,7 @@ __all__ = ["write_direct"]
 #: block size: 512 B or 4 KiB on current devices.
 _ALIGN = 4096
 
-_buffer: mmap.mmap | None = None
+_buffer: np.ndarray | None = None
 #: Devices (``st_dev``) whose file system refused ``O_DIRECT``: written the buffered way from then on.
 _refused: set[int] = set()
 
@@ -47,7 +48,7 @@ def write_direct(path: Path, parts: Sequence[bytes]) -> int | None:
     buffer = _aligned_buffer(padded)
     at = 0
     for part in parts:
-        buffer[at : at + len(part)] = part
+        buffer[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
         at += len(part)
     partial = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
@@ -76,11 +77,16 @@ def write_direct(path: Path, parts: Sequence[bytes]) -> int | None:
     return size
 
 
-def _aligned_buffer(size: int) -> mmap.mmap:
-    """This process's page-aligned write buffer, grown to ``size``; reused, so its pages fault in once."""
+def _aligned_buffer(size: int) -> np.ndarray:
+    """This process's write buffer, aligned to `_ALIGN` and grown to ``size``; reused, so it is touched once.
+
+    From the heap (a plain numpy array, its aligned part), not a mapping of its own: a Dask worker's heap
+    is touched as it starts (`eoprep._malloc.pretouch_heap`), so a first shard does not fault in its buffer.
+    """
     global _buffer
     if _buffer is None or len(_buffer) < size:
-        if _buffer is not None:
-            _buffer.close()
-        _buffer = mmap.mmap(-1, max(size, 32 * 2**20))
+        _buffer = None
+        raw = np.empty(max(size, 32 * 2**20) + _ALIGN, dtype=np.uint8)
+        skip = -raw.ctypes.data % _ALIGN
+        _buffer = raw[skip : skip + len(raw) - _ALIGN]
     return _buffer
