@@ -50,7 +50,7 @@ class ChipGrid:
         return GeoBox.from_bbox(self.bounds, crs=self.crs, resolution=self.pixel_size)
 
 
-#: A minimal item in the form the pipeline's sources have (STAC 1.1, proj/raster/eo extensions), for `warm_up`.
+#: A minimal item in the form the pipeline's sources have (STAC 1.1, proj/raster/eo extensions), for `warm_up_readers`.
 _WARM_UP_ITEM: dict[str, Any] = {
     "type": "Feature",
     "stac_version": "1.1.0",
