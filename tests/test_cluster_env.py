@@ -78,3 +78,20 @@ def test_a_bad_heap_setting_is_one_line_naming_it(monkeypatch):
     with pytest.raises(EoprepError, match=f"^{HEAP_ENV}: 'lots' is not a whole number of MB$"):
         with dask_client(workers=1, say=lambda _m: None):
             pass
+
+
+def test_joining_a_running_scheduler_sets_up_its_workers_and_runs(stac_api, tmp_path):
+    from distributed import LocalCluster
+
+    from conftest import make_spec
+    from eoprep.pipeline import run_pipeline
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with dask_client(scheduler=cluster.scheduler_address, say=lambda _m: None) as joined:
+            assert all(joined.run(_stac_hooks_found).values())
+            heap = joined.submit(_faults_of_touching_224_mb, pure=False).result()
+            summary = run_pipeline(
+                make_spec(tmp_path / "out"), client=joined, catalog_url=stac_api, say=lambda _m: None
+            )
+    assert heap < 3000, heap
+    assert summary.chips_written == summary.chips_planned > 0
