@@ -60,6 +60,7 @@ def test_workers_start_with_pystac_extension_hooks_found(client):
 def _faults_of_touching_224_mb() -> int:
     from eoprep._malloc import pretouch_heap
 
+    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB faults whatever the kernel's THP mode
     return pretouch_heap(224)
 
 
