@@ -85,7 +85,7 @@ def _aligned_buffer(size: int) -> np.ndarray:
     """
     global _buffer
     if _buffer is None or len(_buffer) < size:
-        _buffer = None
+        _buffer = None  # the old one goes before the new one is allocated
         raw = np.empty(max(size, 32 * 2**20) + _ALIGN, dtype=np.uint8)
         skip = -raw.ctypes.data % _ALIGN
         _buffer = raw[skip : skip + len(raw) - _ALIGN]

@@ -122,7 +122,7 @@ class ChipStore:
         root = self._root()
 
         async def names() -> set[str]:
-            found = set()
+            found: set[str] = set()
             async for name in root.store.list_dir(key):
                 found.add(name)
             return found
