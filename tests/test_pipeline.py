@@ -339,6 +339,26 @@ def test_an_output_of_an_older_layout_is_refused_and_left_alone(demo_run, stac_a
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("added_first", [True, False])
+def test_a_spec_that_adds_a_collection_is_refused_and_the_output_left_alone(
+    demo_run, stac_api, client, tmp_path, added_first
+):
+    import shutil
+
+    spec, _, out = demo_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    collections = [c.model_dump(mode="json", exclude_none=True) for c in spec.source.collections]
+    added = {"id": "demo-landsat-c2-l2", "name": "landsat", "bands": ["red"]}
+    wider = [added, *collections] if added_first else [*collections, added]
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    with pytest.raises(
+        EoprepError, match=r"output.path: .* holds the collections \['s2', 's1'\] but not \['landsat'\]"
+    ):
+        run_pipeline(make_spec(old, source__collections=wider), client=client, catalog_url=stac_api, say=_quiet)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
 def test_aoi_in_a_projected_crs_is_reprojected(stac_api, client, tmp_path):
     from pyproj import Transformer
 
