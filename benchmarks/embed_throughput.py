@@ -17,15 +17,18 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import dask.array
 import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+import zarr
 from distributed import Client, LocalCluster
 
 from eoprep.demo._landscape import Landscape
@@ -41,12 +44,16 @@ ENCODERS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_chips(root: Path, n: int, size: int, n_time: int, seed: int = 0) -> Path:
-    """An eoprep-shaped chip group (``s2``) of ``n`` chips sampled from the demo landscape."""
+def make_chips(root: Path, n: int, size: int, n_time: int, seed: int = 0, unique: int = 512) -> Path:
+    """An eoprep-shaped chip group (``s2``) of ``n`` chips: ``unique`` of them sampled from the demo landscape,
+    repeated shard by shard (a GPU run needs tens of thousands of chips to last seconds; making each one
+    would take minutes and add nothing the reader or the model would notice)."""
+    per_shard = 8
+    unique = max(per_shard, min(unique, n) // per_shard * per_shard)
     rng = np.random.default_rng(seed)
     land = Landscape(x_min=0.0, y_min=0.0, extent=50_000.0, seed=seed)
-    pixels = np.zeros((n, n_time, len(BANDS), size, size), dtype=np.uint16)
-    for i in range(n):
+    pixels = np.zeros((unique, n_time, len(BANDS), size, size), dtype=np.uint16)
+    for i in range(unique):
         x0, y0 = rng.uniform(0, 50_000 - size * 10, 2)
         x = x0 + (np.arange(size) + 0.5)[None, :] * 10
         y = y0 + (np.arange(size) + 0.5)[:, None] * 10
@@ -57,8 +64,9 @@ def make_chips(root: Path, n: int, size: int, n_time: int, seed: int = 0) -> Pat
             pixels[i, t, 6] = 4
     ids = [f"BENCH{i:05d}_20240501-20240531" for i in range(n)]
     start = np.full(n, np.datetime64("2024-05-01"), dtype="datetime64[ns]")
+    lazy = dask.array.zeros((n, *pixels.shape[1:]), dtype=np.uint16, chunks=(per_shard, *pixels.shape[1:]))
     ds = xr.Dataset(
-        {"pixels": (("chip", "time", "band", "y", "x"), pixels, {"collection": "bench-s2", "nodata": 0})},
+        {"pixels": (("chip", "time", "band", "y", "x"), lazy, {"collection": "bench-s2", "nodata": 0})},
         coords={
             "chip": ("chip", np.array(ids, dtype=object)),
             "cell": ("chip", np.array([i.split("_")[0] for i in ids], dtype=object)),
@@ -74,8 +82,15 @@ def make_chips(root: Path, n: int, size: int, n_time: int, seed: int = 0) -> Pat
         },
     )
     inner = (1, n_time, len(BANDS), size, size)
-    encoding = {"pixels": {"chunks": inner, "shards": (8, *inner[1:]), "fill_value": np.uint16(0)}}
-    ds.to_zarr(root / "chips.zarr", group="s2", mode="w", zarr_format=3, consolidated=True, encoding=encoding)
+    encoding = {"pixels": {"chunks": inner, "shards": (per_shard, *inner[1:]), "fill_value": np.uint16(0)}}
+    url = root / "chips.zarr"
+    ds.to_zarr(url, group="s2", mode="w", zarr_format=3, consolidated=True, encoding=encoding, compute=False)
+    arr = zarr.open_array(url, path="s2/pixels", mode="r+")
+    arr[: min(unique, n)] = pixels[: min(unique, n)]
+    shard_file = [url / arr.path / arr.metadata.encode_chunk_key((s, 0, 0, 0, 0)) for s in range(-(-n // per_shard))]
+    for s in range(unique // per_shard, len(shard_file)):
+        shard_file[s].parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shard_file[s % (unique // per_shard)], shard_file[s])
     return root
 
 
@@ -88,7 +103,6 @@ def _spec(chips: Path, store: Path, encoder: dict[str, Any], device: str, batch:
             "runtime": {
                 "device": device,
                 "batch_size": batch if batch == "auto" else int(batch),
-                "chips_per_task": 512,
             },
             "output": {"path": str(store)},
         }
@@ -135,14 +149,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--encoder", choices=sorted(ENCODERS), default="mosaiks")
-    parser.add_argument("--chips", type=int, default=None, help="chips to encode (default 64 on CPU, 2048 on CUDA)")
+    parser.add_argument("--chips", type=int, default=None, help="chips to encode (default 64 on CPU, 16384 on CUDA)")
     parser.add_argument("--size", type=int, default=128, help="chip side in pixels")
     parser.add_argument("--time", type=int, default=4, help="scenes per chip")
     parser.add_argument("--batch", default=None, help="batch size or 'auto' (default: 16 on CPU, auto on CUDA)")
     parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (default: CPU cores, max 8)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    n = args.chips or (2048 if cuda else 64)
+    n = args.chips or (16384 if cuda else 64)
     batch = args.batch or ("auto" if cuda else "16")
     workers = 1 if cuda else (args.workers or min(os.cpu_count() or 1, 8))
     encoder = ENCODERS[args.encoder]

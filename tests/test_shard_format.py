@@ -71,6 +71,35 @@ def test_decoding_chips_matches_zarr(tmp_path, dtype, codecs):
 
 
 @pytest.mark.parametrize(("dtype", "codecs"), CHAINS)
+def test_reading_some_chips_of_a_shard_into_a_buffer_matches_zarr(tmp_path, dtype, codecs):
+    import fsspec
+
+    arr = _array(tmp_path / "a.zarr", dtype, codecs)
+    arr[:] = _data(arr)
+    fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+    fs = fsspec.filesystem("file")
+    for shard, indices in ((0, [3, 0, 2]), (0, [2]), (1, [0, 1, 2]), (1, [1])):  # any order, a fill chip alone
+        out = np.zeros((len(indices), *fmt.shape), dtype=fmt.dtype)
+        fmt.read_chips(fs, str(tmp_path / "a.zarr" / "c" / str(shard) / "0/0/0/0"), indices, out)
+        expected = np.stack([np.asarray(arr[shard * 4 + i]) for i in indices])
+        assert out.tobytes() == expected.tobytes()
+
+
+def test_reading_chips_from_a_truncated_shard_fails(tmp_path):
+    import fsspec
+
+    arr = _array(tmp_path / "a.zarr", "uint16", {"compressors": None})
+    arr[:] = _data(arr)
+    fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+    path = tmp_path / "a.zarr" / "c" / "0" / "0" / "0" / "0" / "0"
+    raw = path.read_bytes()
+    index_at = len(raw) - fmt.index_nbytes
+    path.write_bytes(raw[:1000] + raw[index_at:])  # the chunks cut, the index kept
+    with pytest.raises(ValueError, match="end after the end of the shard"):
+        fmt.read_chips(fsspec.filesystem("file"), str(path), [0, 1], np.empty((2, *fmt.shape), dtype=fmt.dtype))
+
+
+@pytest.mark.parametrize(("dtype", "codecs"), CHAINS)
 def test_encoded_shards_read_back_through_zarr(tmp_path, dtype, codecs):
     """Read back through zarr, our shards give what zarr's own round trip gives (the data, when lossless)."""
     arr = _array(tmp_path / "a.zarr", dtype, codecs)

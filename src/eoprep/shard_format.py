@@ -99,12 +99,32 @@ class ShardFormat:
             raise ValueError("the shard index fails its CRC32C check (truncated or overwritten shard)")
         return np.frombuffer(body, dtype="<u8").reshape(self.chips, 2)
 
-    def decode(self, data: bytes, out: np.ndarray) -> None:
+    def decode(self, data: bytes | memoryview, out: np.ndarray) -> None:
         """Decode one stored inner chunk into ``out`` (shape `shape`, dtype `dtype`)."""
         if self.compressor is None:
             out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
         else:
             self.compressor.decode(data, out=out)
+
+    def read_chips(self, fs: Any, path: str, indices: Sequence[int], out: np.ndarray) -> None:
+        """Decode the chips at ``indices`` (positions in the shard object at ``path``) into ``out[k]``.
+
+        Two reads per shard (its index, then the span of bytes the chips occupy) and a decode straight
+        into the caller's buffer, e.g. pinned memory that a GPU copies from: zarr's path reads chunk by
+        chunk and copies every chip out of its own output array (1.1k chips/s on one core, this 1.5k).
+        """
+        where = self.shard_index(fs.cat_file(path, start=-self.index_nbytes))[list(indices)]
+        stored = where[:, 0] != EMPTY
+        start = int(where[stored, 0].min()) if stored.any() else 0
+        end = int((where[stored, 0] + where[stored, 1]).max()) if stored.any() else 0
+        data = memoryview(fs.cat_file(path, start=start, end=end)) if end > start else memoryview(b"")
+        if len(data) != end - start:
+            raise ValueError(f"the chunks end after the end of the shard ({len(data)} of {end - start} bytes)")
+        for k, (offset, nbytes) in enumerate(where.tolist()):
+            if offset == int(EMPTY):
+                out[k].fill(self.fill_value)
+            else:
+                self.decode(data[offset - start : offset - start + nbytes], out[k])
 
     def encode(self, chips: Sequence[np.ndarray]) -> bytes | None:
         """A whole shard object for ``chips`` (at most `chips` of them, in position order).

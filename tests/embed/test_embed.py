@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import xarray as xr
 import yaml
 
@@ -124,6 +125,32 @@ def test_appends_only_new_chips_and_refuses_another_model(chips, store, client, 
         embed(parse_embed_spec(other), client=client, say=_quiet)
 
 
+def test_every_worker_gets_a_task_and_batches_across_shards_read_the_same_pixels(chips, store, client, tmp_path):
+    """chips_per_task above the job's size still gives each worker a task; batches of 3 cut across shards of 8."""
+    from distributed import get_task_stream
+
+    path, summary = store
+    spec = _embed_spec(chips, tmp_path / "big")
+    spec["runtime"] = {"device": "auto", "batch_size": 3, "chips_per_task": 4096, "read_threads": 3}
+    with get_task_stream(client) as stream:
+        big = embed(parse_embed_spec(spec), client=client, say=_quiet)
+    tasks = [t for t in stream.data if str(t["key"]).startswith("encode_chips")]
+    assert big.chips_encoded == summary.rows
+    assert len(tasks) == 2 and len({t["worker"] for t in tasks}) == 2
+    np.testing.assert_allclose(FeatureStore(tmp_path / "big").vectors(), FeatureStore(path).vectors(), rtol=1e-5)
+
+
+def test_a_missing_shard_is_named_instead_of_read_as_nodata(chips, client, tmp_path):
+    import shutil
+
+    copy = tmp_path / "chips"
+    shutil.copytree(chips, copy)
+    (copy / "chips.zarr/s2/pixels/c/0/0/0/0/0").unlink()
+    with pytest.raises(EoprepError, match=r"shard .*chips\.zarr/s2/pixels/c/0/0/0/0/0 is missing"):
+        embed(parse_embed_spec(_embed_spec(copy, tmp_path / "store")), client=client, say=_quiet)
+    assert not FeatureStore(tmp_path / "store").exists()
+
+
 def test_same_place_on_other_dates_is_nearer_than_other_land_cover(chips, store):
     path, _ = store
     fs = FeatureStore(path)
@@ -196,3 +223,25 @@ def test_cli_embed_runs_a_yaml_spec_on_an_existing_scheduler(chips, client, tmp_
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == "vit" and summary["dimension"] == 192 and summary["chips_encoded"] > 6
+
+
+@pytest.mark.parametrize("shards", [None, (4, 2, 3, 8, 8)])
+def test_the_chip_reader_gives_zarr_values_for_sharded_and_plain_arrays(tmp_path, shards):
+    import zarr
+
+    from eoprep.embed._run import _PixelReader
+
+    url = str(tmp_path / "chips.zarr")
+    arr = zarr.create_array(
+        url, name="s2/pixels", shape=(10, 2, 3, 8, 8), dtype="uint16", chunks=(1, 2, 3, 8, 8), shards=shards
+    )
+    data = np.random.default_rng(1).integers(0, 65_535, arr.shape, dtype=np.uint16)
+    data[5] = 0  # a chip of fill values only: not stored
+    arr[:] = data
+    reader = _PixelReader(url, "s2")
+    positions = [9, 2, 3, 4, 5, 8, 0]
+    buffer = reader.buffer(len(positions), pin=False)
+    for where, part in reader.parts(positions):
+        reader.read(part, buffer.numpy()[where])
+    assert buffer.dtype == torch.int16
+    np.testing.assert_array_equal(buffer.numpy().view(np.uint16), data[positions])

@@ -1,15 +1,17 @@
 """The embed job: chips of an eoprep output → encoder tasks on Dask workers → feature store.
 
-Each task takes a run of chip positions, reads their raw integers from Zarr in reader threads
-(decompression overlaps compute), pins them and copies them on a side CUDA stream while the
-previous batch is encoded; decoding (scale, mask, composite, normalise, resize) happens on the
-device. Models are built once per worker process and reused by later tasks.
+Each task takes a run of chip positions; reader threads decompress their raw integers, a shard at a
+time, straight into pinned batch buffers (decompression overlaps compute), which are copied on a side
+CUDA stream while the previous batch is encoded; decoding (scale, mask, composite, normalise, resize)
+happens on the device. Models are built once per worker process and reused by later tasks.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ from eoprep.embed._spec import EmbedSpec
 from eoprep.embed._store import FeatureStore
 from eoprep.errors import EoprepError
 from eoprep.runtime import ClientLike, resolve_client
+from eoprep.shard_format import ShardFormat
 from eoprep.sinks import consecutive_runs
 
 __all__ = ["EmbedSummary", "EncodeTask", "embed", "encode_chips"]
@@ -56,7 +59,7 @@ class EncodeTask:
     device: str
     batch_size: int | str
     precision: str
-    read_threads: int
+    read_threads: int | str
 
 
 @dataclass
@@ -84,6 +87,8 @@ class EmbedSummary:
 
 
 _MODELS: dict[str, tuple[torch.nn.Module, ChipDecoder, torch.device]] = {}
+#: ``auto`` batch size of the worker's model by precision: measured once, not per task.
+_AUTO_BATCH: dict[str, int] = {}
 
 
 def _prepared(task: EncodeTask) -> tuple[torch.nn.Module, ChipDecoder, torch.device]:
@@ -98,44 +103,107 @@ def _prepared(task: EncodeTask) -> tuple[torch.nn.Module, ChipDecoder, torch.dev
         model = build_encoder(task.encoder, task.params, task.input_bands, task.checkpoint).to(device)
         decoder = ChipDecoder(**task.decoder).to(device)
         _MODELS.clear()
+        _AUTO_BATCH.clear()
         _MODELS[key] = (model, decoder, device)
     return _MODELS[key]
 
 
-def _host_tensor(values: np.ndarray) -> tuple[torch.Tensor, int]:
-    """Raw chip values as a tensor torch can copy: unsigned integers are viewed as signed of the same width."""
-    signed = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32, np.dtype(np.uint64): np.int64}
-    bits = values.dtype.itemsize * 8
-    if values.dtype in signed:
-        values = values.view(signed[values.dtype])
-    return torch.from_numpy(np.ascontiguousarray(values)), bits
+# Torch has no unsigned 16/32/64-bit tensors a device copy takes: such chips travel as the signed type of
+# the same width and the decoder reinterprets them (``unsigned_bits``).
+_SIGNED = {np.dtype(f"uint{bits}"): np.dtype(f"int{bits}") for bits in (16, 32, 64)}
+
+
+class _PixelReader:
+    """Raw chips of one pixel array, decoded straight into a batch buffer, one shard's chips per call.
+
+    Our sharded layout is read with `ShardFormat.read_chips` (the chips of a shard in two reads, decoded
+    in place, the GIL released while they decompress, so reader threads scale with cores); any other
+    layout through zarr.
+    """
+
+    def __init__(self, url: str, group: str) -> None:
+        import fsspec
+
+        self._arr = zarr.open_array(url, path=f"{group}/pixels", mode="r")
+        self._fmt = ShardFormat.from_metadata(self._arr.metadata.to_dict(), self._arr.fill_value)
+        self._fs, self._root = fsspec.core.url_to_fs(url)
+        self._url = url
+        self.shape: tuple[int, ...] = tuple(self._arr.shape[1:])
+        self.dtype = np.dtype(self._arr.dtype)
+        self.per_call = self._fmt.chips if self._fmt is not None else int(self._arr.chunks[0])
+
+    def buffer(self, n: int, *, pin: bool) -> torch.Tensor:
+        """An uninitialised host tensor for ``n`` chips (pinned for asynchronous copies to a GPU)."""
+        dtype = torch.from_numpy(np.empty(0, dtype=_SIGNED.get(self.dtype, self.dtype))).dtype
+        return torch.empty((n, *self.shape), dtype=dtype, pin_memory=pin)
+
+    def parts(self, positions: list[int]) -> list[tuple[slice, list[int]]]:
+        """``positions`` cut into runs within one shard: (slice of the batch, positions)."""
+        cuts = [0] + [
+            k for k in range(1, len(positions)) if positions[k] // self.per_call != positions[k - 1] // self.per_call
+        ]
+        bounds = [*cuts, len(positions)]
+        return [(slice(a, b), positions[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def read(self, positions: list[int], out: np.ndarray) -> None:
+        """Decode the chips at ``positions`` (all in one shard) into ``out`` (a `buffer`'s array, or part of it)."""
+        out = out.view(self.dtype)
+        if self._fmt is None:
+            done = 0
+            for run in consecutive_runs(positions):
+                out[done : done + len(run)] = self._arr[run.start : run.stop]
+                done += len(run)
+            return
+        shard = positions[0] // self._fmt.chips
+        key = f"{self._arr.path}/{self._arr.metadata.encode_chunk_key((shard, *[0] * len(self.shape)))}"
+        path = f"{self._root.rstrip('/')}/{key}"
+        try:
+            self._fmt.read_chips(self._fs, path, [p % self._fmt.chips for p in positions], out)
+        except FileNotFoundError:
+            raise EoprepError(
+                f"input: shard {self._url.rstrip('/')}/{key} is missing, but its chips are recorded as written; "
+                "re-run `eoprep run` on that output or restore the file"
+            ) from None
+
+
+def _read_threads(requested: int | str) -> int:
+    """Reader threads of a task: ``auto`` is one per core the worker may use, at most 8."""
+    if requested != "auto":
+        return int(requested)
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+#: Batches being read ahead of the one the model encodes: their chips keep every reader thread busy.
+_BATCHES_AHEAD = 2
 
 
 def _batches(task: EncodeTask, batch_size: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Host batches (raw, meta, count) read ahead by a thread pool, pinned for asynchronous copies."""
-    arr = zarr.open_array(task.store_url, path=f"{task.group}/pixels", mode="r")
+    """Host batches (raw, meta, count), read ahead by reader threads a shard at a time into (pinned) buffers."""
+    reader = _PixelReader(task.store_url, task.group)
     positions = list(task.positions)
     meta = np.asarray(task.meta, dtype=np.float32).reshape(-1, 3)
     chunks = [(positions[i : i + batch_size], meta[i : i + batch_size]) for i in range(0, len(positions), batch_size)]
 
-    def read(chunk: tuple[list[int], np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        pos, m = chunk
-        values = np.concatenate([arr[run.start : run.stop] for run in consecutive_runs(pos)])
-        raw, _ = _host_tensor(values)
-        meta_t = torch.from_numpy(m)
-        if pin:
-            raw, meta_t = raw.pin_memory(), meta_t.pin_memory()
-        return raw, meta_t, len(pos)
+    with ThreadPoolExecutor(_read_threads(task.read_threads)) as pool:
 
-    with ThreadPoolExecutor(task.read_threads) as pool:
-        ahead = deque(pool.submit(read, c) for c in chunks[: task.read_threads + 1])
+        def start(chunk: tuple[list[int], np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+            pos, m = chunk
+            raw = reader.buffer(len(pos), pin=pin)
+            out = raw.numpy()
+            jobs = [pool.submit(reader.read, part, out[where]) for where, part in reader.parts(pos)]
+            meta_t = torch.from_numpy(m)
+            return raw, meta_t.pin_memory() if pin else meta_t, jobs
+
+        ahead = deque(start(c) for c in chunks[: _BATCHES_AHEAD + 1])
         queued = len(ahead)
         while ahead:
-            batch = ahead.popleft().result()
+            raw, meta_t, jobs = ahead.popleft()
             if queued < len(chunks):
-                ahead.append(pool.submit(read, chunks[queued]))
+                ahead.append(start(chunks[queued]))
                 queued += 1
-            yield batch
+            for job in jobs:
+                job.result()
+            yield raw, meta_t, len(raw)
 
 
 def _on_device(
@@ -177,7 +245,10 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
 def auto_batch_size(
     model: torch.nn.Module, decoder: ChipDecoder, sample: torch.Tensor, device: torch.device, precision: str
 ) -> int:
-    """Chips per batch: 32 on CPU; on CUDA, what half the free memory holds, measured on two chips.
+    """Chips per batch: 32 on CPU; on CUDA, what half the free memory holds (measured on two chips), at most 256.
+
+    A bigger batch keeps a GPU no busier, and delays it: the first batch of a task is read before
+    anything runs, and a task of one batch never overlaps reading with encoding.
 
     Parameters
     ----------
@@ -193,7 +264,7 @@ def auto_batch_size(
     Returns
     -------
     int
-        A power of two between 1 and 1024.
+        A power of two between 1 and 256.
     """
     if device.type != "cuda":
         return 32
@@ -207,7 +278,7 @@ def auto_batch_size(
     per_chip = max((torch.cuda.max_memory_allocated(device) - base) / 2, 1)
     free, _ = torch.cuda.mem_get_info(device)
     fits = int(0.5 * free / per_chip)
-    return int(2 ** np.clip(np.floor(np.log2(max(fits, 1))), 0, 10))
+    return int(2 ** np.clip(np.floor(np.log2(max(fits, 1))), 0, 8))
 
 
 def encode_chips(task: EncodeTask) -> np.ndarray:
@@ -226,9 +297,13 @@ def encode_chips(task: EncodeTask) -> np.ndarray:
     model, decoder, device = _prepared(task)
     batch_size = task.batch_size
     if batch_size == "auto":
-        arr = zarr.open_array(task.store_url, path=f"{task.group}/pixels", mode="r")
-        sample, _ = _host_tensor(arr[task.positions[0] : task.positions[0] + 1])
-        batch_size = auto_batch_size(model, decoder, sample, device, task.precision)
+        key = task.precision
+        if key not in _AUTO_BATCH:
+            reader = _PixelReader(task.store_url, task.group)
+            sample = reader.buffer(1, pin=False)
+            reader.read([task.positions[0]], sample.numpy())
+            _AUTO_BATCH[key] = auto_batch_size(model, decoder, sample, device, task.precision)
+        batch_size = _AUTO_BATCH[key]
     out: list[torch.Tensor] = []
     with torch.inference_mode(), _autocast(device, task.precision):
         for raw, meta, _ in _on_device(_batches(task, int(batch_size), device.type == "cuda"), device):
@@ -238,27 +313,28 @@ def encode_chips(task: EncodeTask) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def _resolve_device(client: Client, wanted: str) -> tuple[str, dict[str, float] | None, str]:
-    """Device of the tasks, their Dask resources and a note for the user.
+def _resolve_device(client: Client, wanted: str) -> tuple[str, dict[str, float] | None, str, int]:
+    """Device of the tasks, their Dask resources, a note for the user and how many workers may run them.
 
     Workers that declare a ``GPU`` resource get the tasks with ``resources={"GPU": 1}``; without
     such workers the tasks go to any worker, on CUDA only if the workers see a GPU.
     """
-    workers = client.scheduler_info()["workers"].values()
-    declared = any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
+    workers = list(client.scheduler_info(n_workers=-1)["workers"].values())
+    gpus = sum(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
     if wanted == "cpu":
-        return "cpu", None, "device cpu"
-    if declared:
-        return "cuda", {"GPU": 1}, "device cuda on workers with the GPU resource"
+        return "cpu", None, "device cpu", len(workers)
+    if gpus:
+        return "cuda", {"GPU": 1}, "device cuda on workers with the GPU resource", gpus
     seen = any(client.run(torch.cuda.is_available).values())
     if seen:
-        return "cuda", None, "device cuda (workers see a GPU but declare no GPU resource; tasks go to any worker)"
+        note = "device cuda (workers see a GPU but declare no GPU resource; tasks go to any worker)"
+        return "cuda", None, note, len(workers)
     if wanted == "cuda":
         raise EoprepError(
             "runtime.device: cuda, but no Dask worker declares a GPU resource or sees a CUDA device; "
             "start workers with `dask worker ADDRESS --resources GPU=1` on a GPU machine, or set device: cpu"
         )
-    return "cpu", None, "device cpu (no worker has a GPU)"
+    return "cpu", None, "device cpu (no worker has a GPU)", len(workers)
 
 
 def _chip_frame(ds: xr.Dataset, collection: str) -> gpd.GeoDataFrame:
@@ -336,8 +412,11 @@ def embed(
     missing = [b for b in [*input_bands, *([mask.band] if mask else [])] if b not in available]
     if missing:
         raise EoprepError(f"input.bands: {missing} are not bands of group {spec.input.group!r} (it has {available})")
-    model = build_encoder(spec.encoder.name, spec.encoder.params, input_bands, spec.encoder.checkpoint)
-    info = model.info
+    # The client needs the encoder's description, not its weights: built on the meta device it costs
+    # nothing (a ViT-B 0.4 s, Prithvi 300M 1.4 s on the CPU otherwise), and a checkpoint is still checked.
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*meta parameter.*")
+        info = build_encoder(spec.encoder.name, spec.encoder.params, input_bands, spec.encoder.checkpoint).info
     sources = map_bands(info.bands, input_bands, spec.encoder.band_map)
     decoder = {
         "band_index": [available.index(b) for b in sources],
@@ -355,7 +434,7 @@ def embed(
     }
     dask, waited = resolve_client(client)
     started += waited  # a cluster still starting is not the run's time
-    device, resources, note = _resolve_device(dask, spec.runtime.device)
+    device, resources, note, n_workers = _resolve_device(dask, spec.runtime.device)
     store = FeatureStore(spec.output.path)
     record = {
         "name": spec.name,
@@ -400,7 +479,8 @@ def embed(
         return summary
     say(f"{len(todo)} chips to encode with {info.name} {info.version} ({info.dim}-d) on {note}")
     meta = _chip_meta(frame)
-    per_task = spec.runtime.chips_per_task
+    # Tasks of at most chips_per_task chips, and at least one per worker that can run them.
+    per_task = max(1, min(spec.runtime.chips_per_task, -(-len(todo) // max(n_workers, 1))))
     tasks = [
         EncodeTask(
             store_url=url,
