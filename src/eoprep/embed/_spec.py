@@ -76,10 +76,10 @@ class RuntimeSpec(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    chips_per_task: int = Field(1024, gt=0)
+    chips_per_task: int | Literal["auto"] = "auto"
     read_threads: int | Literal["auto"] = "auto"
 
-    @field_validator("batch_size", "read_threads")
+    @field_validator("batch_size", "chips_per_task", "read_threads")
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value <= 0:
