@@ -38,6 +38,8 @@ def test_foundation_model_examples_need_only_their_local_checkpoint(name, tmp_pa
         ({"encoder": {"name": "resnet"}}, r"f.yaml: encoder.name: unknown encoder 'resnet'; choose one of"),
         ({"encoder": {"name": "vit", "checkpoint": "missing.pt"}}, r"encoder.checkpoint: .*missing.pt does not exist"),
         ({"runtime": {"batch_size": 0}}, r"runtime.batch_size"),
+        ({"runtime": {"chips_per_task": 0}}, r"runtime.chips_per_task: .*positive integer or 'auto'"),
+        ({"runtime": {"read_threads": "many"}}, r"runtime.read_threads"),
         ({"input": {"path": "o", "group": "s2", "mask": {"band": "SCL"}}}, r"input.mask.invalid: Field required"),
     ],
 )
