@@ -309,13 +309,13 @@ def encode_chips(task: EncodeTask) -> np.ndarray:
             reader.read([task.positions[0]], sample.numpy())
             _AUTO_BATCH[key] = auto_batch_size(model, decoder, sample, device, task.precision)
         batch_size = _AUTO_BATCH[key]
+    # The vectors stay on the device until the task ends: a copy of each batch's vectors to (pageable)
+    # host memory would make the loop wait for that batch's encoding before it queues the next one.
     out: list[torch.Tensor] = []
     with torch.inference_mode(), _autocast(device, task.precision):
         for raw, meta, _ in _on_device(_batches(task, int(batch_size), device.type == "cuda"), device):
-            out.append(model(decoder(raw), meta).float().to("cpu", non_blocking=device.type == "cuda"))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return torch.cat(out).numpy()
+            out.append(model(decoder(raw), meta).float())
+    return torch.cat(out).cpu().numpy()
 
 
 def _resolve_device(client: Client, wanted: str) -> tuple[str, dict[str, float] | None, str, int]:
