@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -417,11 +416,7 @@ def embed(
     missing = [b for b in [*input_bands, *([mask.band] if mask else [])] if b not in available]
     if missing:
         raise EoprepError(f"input.bands: {missing} are not bands of group {spec.input.group!r} (it has {available})")
-    # The client needs the encoder's description, not its weights: built on the meta device it costs
-    # nothing (a ViT-B 0.4 s, Prithvi 300M 1.4 s on the CPU otherwise), and a checkpoint is still checked.
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*meta parameter.*")
-        info = build_encoder(spec.encoder.name, spec.encoder.params, input_bands, spec.encoder.checkpoint).info
+    info = build_encoder(spec.encoder.name, spec.encoder.params, input_bands, spec.encoder.checkpoint).info
     sources = map_bands(info.bands, input_bands, spec.encoder.band_map)
     decoder = {
         "band_index": [available.index(b) for b in sources],
