@@ -401,7 +401,7 @@ def embed(
     started = time.perf_counter()
     url = str(Path(spec.input.path) / CHIPS_STORE)
     try:
-        ds = xr.open_zarr(url, group=spec.input.group, zarr_format=3).drop_vars("pixels")
+        ds = xr.open_zarr(url, group=spec.input.group, zarr_format=3, chunks=None).drop_vars("pixels")
         pixels = zarr.open_array(url, path=f"{spec.input.group}/pixels", mode="r")
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError):
         raise EoprepError(
