@@ -301,13 +301,12 @@ def encode_chips(task: EncodeTask) -> np.ndarray:
     model, decoder, device = _prepared(task)
     batch_size = task.batch_size
     if batch_size == "auto":
-        key = task.precision
-        if key not in _AUTO_BATCH:
+        if task.precision not in _AUTO_BATCH:
             reader = _PixelReader(task.store_url, task.group)
             sample = reader.buffer(1, pin=False)
             reader.read([task.positions[0]], sample.numpy())
-            _AUTO_BATCH[key] = auto_batch_size(model, decoder, sample, device, task.precision)
-        batch_size = _AUTO_BATCH[key]
+            _AUTO_BATCH[task.precision] = auto_batch_size(model, decoder, sample, device, task.precision)
+        batch_size = _AUTO_BATCH[task.precision]
     # The vectors stay on the device until the task ends: a copy of each batch's vectors to (pageable)
     # host memory would make the loop wait for that batch's encoding before it queues the next one.
     out: list[torch.Tensor] = []
