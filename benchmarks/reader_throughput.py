@@ -173,6 +173,33 @@ def measure(readers: dict[str, tuple[Any, Any]], results: dict[str, Any]) -> Non
     del loaders
 
 
+def decode_only_ms(out: Path) -> float:
+    """Milliseconds per sample (every group of a chip) of decoding its stored chunks alone, one thread:
+    no file reads, no collate. A reader cannot be faster than this, whatever it does around the codec."""
+    import zarr
+
+    from eoprep.shard_format import EMPTY, ShardFormat
+
+    groups = []
+    for key in GROUPS:
+        arr = zarr.open_array(out / "chips.zarr", path=f"{key}/pixels", mode="r")
+        fmt = ShardFormat.from_metadata(arr.metadata.to_dict(), arr.fill_value)
+        payloads = []
+        for shard in (out / "chips.zarr" / key / "pixels" / "c").iterdir():
+            data = (shard / "0/0/0/0").read_bytes()
+            index = fmt.shard_index(data[-fmt.index_nbytes :])
+            payloads += [data[o : o + n] for o, n in index.tolist() if o != int(EMPTY)]
+        groups.append((fmt, np.empty(fmt.shape, dtype=fmt.dtype), payloads))
+    best = float("inf")
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for fmt, buffer, payloads in groups:
+            for payload in payloads:
+                fmt.decode(payload, buffer)
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best / len(groups[0][2])
+
+
 class SmallCNN(torch.nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -282,6 +309,14 @@ def main() -> None:
             base = results[f"COG windows (rasterio) {key.rsplit(' ', 1)[1]}"]["samples_per_s"]
             value["x_cog"] = value["samples_per_s"] / base
             print(f"{key:<30} {value['x_cog']:6.1f}x the COG window reads")
+        cog_ms = 1e3 / results["COG windows (rasterio) w0"]["samples_per_s"]
+        print(f"decoding alone, one thread (a reader's floor; 5x the COG window reads leaves {cog_ms / 5:.1f} ms):")
+        for name, out in [("Zarr blosc-lz4", lossless)] + [
+            (f"Zarr {codec['name']}", root / f"lossy{i}") for i, codec in enumerate(codecs)
+        ]:
+            ms = decode_only_ms(out)
+            results[f"{name} decode only"] = {"ms_per_sample": ms, "max_x_cog": cog_ms / ms}
+            print(f"{name:<30} {ms:6.2f} ms per sample, at most {cog_ms / ms:5.1f}x the COG window reads")
         results["cnn_zarr"] = cnn_ratio(lambda: ChipIterableDataset(lossless, format="zarr", groups=["s2"]))
         results["cnn_taco"] = cnn_ratio(lambda: ChipIterableDataset(lossless, format="taco", groups=["s2"]))
     if args.json:
