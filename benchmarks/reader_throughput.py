@@ -14,6 +14,8 @@ One run on this machine:
   the chip, onto the chip grid), in the same DataLoader settings. Handles (and GDAL's block cache) live
   for one epoch, so every tile is decoded once per epoch, as with an archive larger than the cache; a
   second row keeps them across epochs, where this small archive is then read from decoded blocks in RAM;
+* decode alone: each Zarr codec's stored chunks decoded in one thread, no reads and no collate, the floor
+  under any reader of that codec (printed with the most it allows against the COG window reads);
 * CNN: a small conv net training step on the s2 batches; the ratio is (epoch time fed by a 2-worker
   DataLoader) / (the same steps on batches already in memory). Near 1 means the reader keeps up.
 
