@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from eoprep.errors import EoprepError
 from eoprep.readers._geotiff import decode_geotiff
-from eoprep.shard_format import EMPTY, ShardFormat
+from eoprep.shard_format import ShardFormat
 
 __all__ = ["ChipRecord", "ChipSource", "ShardError", "TacoSource", "ZarrSource", "open_source"]
 
@@ -200,16 +200,9 @@ class ZarrSource(_Source):
         indexes = self.__dict__.setdefault("_handles", {}).setdefault("indexes", {})
         if key not in indexes:
             indexes[key] = fmt.shard_index(self.fs.cat_file(path, start=-fmt.index_nbytes))
-        offset, nbytes = indexes[key][index]
-        out = np.empty(fmt.shape, dtype=fmt.dtype)
-        if offset == EMPTY:
-            out.fill(fmt.fill_value)
-            return out
-        data = self.fs.cat_file(path, start=int(offset), end=int(offset + nbytes))
-        if len(data) != nbytes:
-            raise ValueError(f"chunk {index} ends after the end of the shard ({len(data)} of {nbytes} bytes)")
-        fmt.decode(data, out)
-        return out
+        out = np.empty((1, *fmt.shape), dtype=fmt.dtype)
+        fmt.read_chips(self.fs, path, [index], out, index=indexes[key])
+        return out[0]
 
 
 def _decode_times(arr: Any) -> np.ndarray:
